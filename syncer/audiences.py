@@ -1,0 +1,224 @@
+"""Audiences: names, keys, definitions, schedules, and their life cycle.
+
+The key is ``parameterize(underscore(name), "_")``, fixed at creation, unique forever: a
+deleted audience keeps its row (status ``deleted``) so that its key is never reused.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import inflection
+from sqlalchemy import Engine, RowMapping, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from syncer.db import write_transaction
+from syncer.errors import AudienceError, ConfigError
+from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_DELETED, AUDIENCE_PAUSED, AUDIENCES, Audience
+from syncer.settings import (
+    DEFAULT_SOURCE,
+    Settings,
+    format_duration,
+    parse_duration,
+    validate_cron,
+)
+from syncer.sources import check_definition, open_source
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME_LENGTH = 255
+
+
+def audience_key(name: str) -> str:
+    """``Order Completed Last 30days`` -> ``order_completed_last_30days``."""
+    return str(inflection.parameterize(inflection.underscore(name), "_"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    every_seconds: int | None = None
+    cron: str | None = None
+
+    def describe(self, default_every_seconds: int) -> str:
+        if self.cron:
+            return f"cron {self.cron}"
+        if self.every_seconds:
+            return f"every {format_duration(self.every_seconds)}"
+        return f"every {format_duration(default_every_seconds)} (default)"
+
+
+def parse_schedule(every: str | None, cron: str | None) -> Schedule:
+    if every and cron:
+        raise AudienceError("give either --every or --cron, not both")
+    try:
+        if every is not None:
+            return Schedule(every_seconds=parse_duration(every, what="--every"))
+        if cron is not None:
+            return Schedule(cron=validate_cron(cron, what="--cron"))
+    except ConfigError as exc:
+        raise AudienceError(str(exc)) from None
+    return Schedule()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AudienceView:
+    """An audience as commands show it."""
+
+    id: int
+    key: str
+    name: str
+    source: str
+    sql: str
+    status: str
+    schedule: Schedule
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: RowMapping) -> AudienceView:
+        return cls(
+            id=row["id"],
+            key=row["key"],
+            name=row["name"],
+            source=row["source_name"],
+            sql=row["definition_sql"],
+            status=row["status"],
+            schedule=Schedule(every_seconds=row["every_seconds"], cron=row["cron"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+def _validated_name(name: str) -> tuple[str, str]:
+    cleaned = " ".join(name.split())
+    if not cleaned:
+        raise AudienceError(
+            "the audience name is empty; give a name like 'Order Completed Last 30days'"
+        )
+    if len(cleaned) > MAX_NAME_LENGTH:
+        raise AudienceError(f"the audience name is longer than {MAX_NAME_LENGTH} characters")
+    key = audience_key(cleaned)
+    if not key:
+        raise AudienceError(
+            f"the audience name {name!r} has no letters or digits to make a key from"
+        )
+    return cleaned, key
+
+
+def _check_sql(settings: Settings, source_name: str, sql: str) -> str:
+    source = open_source(settings, source_name)
+    try:
+        return check_definition(source, sql)
+    finally:
+        source.engine.dispose()
+
+
+def create(
+    state: Engine,
+    settings: Settings,
+    *,
+    name: str,
+    sql: str,
+    source: str = DEFAULT_SOURCE,
+    schedule: Schedule | None = None,
+) -> AudienceView:
+    """Validate everything, then store the audience. Its next run is the initial sync."""
+    name, key = _validated_name(name)
+    settings.source(source)
+    with state.connect() as conn:
+        taken = conn.execute(select(Audience.status).where(Audience.key == key)).scalar()
+    if taken is not None:
+        raise _key_taken(key, taken)
+    sql = _check_sql(settings, source, sql)
+    schedule = schedule or Schedule()
+    now = datetime.now(UTC)
+    try:
+        with write_transaction(state) as conn:
+            conn.execute(
+                insert(Audience).values(
+                    key=key,
+                    name=name,
+                    source_name=source,
+                    definition_sql=sql,
+                    every_seconds=schedule.every_seconds,
+                    cron=schedule.cron,
+                    status=AUDIENCE_ACTIVE,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    except IntegrityError:
+        raise _key_taken(key, AUDIENCE_ACTIVE) from None
+    logger.info("created audience %s", key)
+    return get(state, key)
+
+
+def _key_taken(key: str, status: str) -> AudienceError:
+    if status == AUDIENCE_DELETED:
+        return AudienceError(
+            f"the key {key!r} belonged to a deleted audience and is never reused; choose another name"
+        )
+    return AudienceError(f"an audience with key {key!r} already exists; choose another name")
+
+
+def get(state: Engine, key: str, *, include_deleted: bool = False) -> AudienceView:
+    with state.connect() as conn:
+        row = conn.execute(select(AUDIENCES).where(AUDIENCES.c.key == key)).mappings().first()
+    if row is None or (row["status"] == AUDIENCE_DELETED and not include_deleted):
+        raise AudienceError(f"no audience with key {key!r}; see: syncer audience list")
+    return AudienceView.of(row)
+
+
+def list_all(state: Engine, *, include_deleted: bool = False) -> list[AudienceView]:
+    query = select(AUDIENCES).order_by(AUDIENCES.c.key)
+    if not include_deleted:
+        query = query.where(AUDIENCES.c.status != AUDIENCE_DELETED)
+    with state.connect() as conn:
+        rows = conn.execute(query).mappings().all()
+    return [AudienceView.of(row) for row in rows]
+
+
+def update_definition(
+    state: Engine,
+    settings: Settings,
+    key: str,
+    *,
+    sql: str | None = None,
+    schedule: Schedule | None = None,
+) -> AudienceView:
+    """Change the SQL and/or the schedule. The key never changes."""
+    current = get(state, key)
+    values: dict[str, object] = {}
+    if sql is not None:
+        values["definition_sql"] = _check_sql(settings, current.source, sql)
+    if schedule is not None:
+        values["every_seconds"] = schedule.every_seconds
+        values["cron"] = schedule.cron
+    if not values:
+        raise AudienceError("nothing to update; give --sql, --every or --cron")
+    values["updated_at"] = datetime.now(UTC)
+    _set(state, key, values)
+    return get(state, key)
+
+
+def set_status(state: Engine, key: str, status: str) -> AudienceView:
+    """Pause, resume or delete an audience (a deleted key stays reserved forever)."""
+    assert status in (AUDIENCE_ACTIVE, AUDIENCE_PAUSED, AUDIENCE_DELETED)
+    get(state, key)
+    now = datetime.now(UTC)
+    values: dict[str, object] = {"status": status, "updated_at": now}
+    if status == AUDIENCE_DELETED:
+        values["deleted_at"] = now
+    _set(state, key, values)
+    return get(state, key, include_deleted=True)
+
+
+def _set(state: Engine, key: str, values: dict[str, object]) -> None:
+    with write_transaction(state) as conn:
+        conn.execute(
+            update(Audience)
+            .where(Audience.key == key, Audience.status != AUDIENCE_DELETED)
+            .values(values)
+        )

@@ -1,0 +1,273 @@
+"""The ``syncer`` command: parses arguments, calls plain functions, prints results.
+
+Bad input of any kind ends in one line on stderr and exit code 2; a run that could not
+deliver everything exits 1. A traceback never reaches the user (``--log-level debug``
+logs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn, TextIO
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from syncer import __version__, audiences, db, history
+from syncer.errors import SyncerError, UsageError
+from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_DELETED, AUDIENCE_PAUSED
+from syncer.settings import Settings, load_settings
+from syncer.sync import RUN_SKIPPED, RunResult, sync_audiences
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"syncer: error: {message} (see: {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="syncer", description="Sync audience membership to Tray.io workflows.")
+    parser.add_argument("--version", action="version", version=f"syncer {__version__}")
+    parser.add_argument(
+        "--settings", metavar="PATH", help="settings file (default: ./settings.toml)"
+    )
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    db_cmd = commands.add_parser("db", help="state database schema")
+    db_sub = db_cmd.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+    db_sub.add_parser("upgrade", help="create or upgrade the schema (alembic upgrade head)")
+
+    aud = commands.add_parser("audience", help="define and manage audiences")
+    aud_sub = aud.add_subparsers(dest="audience_command", required=True, parser_class=_Parser)
+    create = aud_sub.add_parser("create", help="define an audience; prints its key")
+    create.add_argument("name")
+    create.add_argument("--sql", required=True, help="a SELECT returning user ids")
+    create.add_argument("--source", default="default", help="a [sources.NAME] of settings.toml")
+    _schedule_args(create)
+    listing = aud_sub.add_parser("list", help="list audiences")
+    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--all", action="store_true", help="include deleted audiences")
+    show = aud_sub.add_parser("show", help="show one audience")
+    show.add_argument("key")
+    show.add_argument("--json", action="store_true")
+    upd = aud_sub.add_parser("update", help="change the SQL or schedule (never the key)")
+    upd.add_argument("key")
+    upd.add_argument("--sql")
+    _schedule_args(upd)
+    for name, text in (
+        ("pause", "stop syncing it until resumed"),
+        ("resume", "sync it again"),
+        ("delete", "stop syncing it; its key is retired forever"),
+    ):
+        aud_sub.add_parser(name, help=text).add_argument("key")
+
+    sync = commands.add_parser("sync", help="run audiences now, in the foreground")
+    sync.add_argument("keys", nargs="*", metavar="KEY", help="default: every active audience")
+    sync.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    hist = commands.add_parser("history", help="sync runs, newest first")
+    hist.add_argument("key", nargs="?")
+    hist.add_argument("--limit", type=int, default=20)
+    hist.add_argument("--json", action="store_true")
+
+    demo = commands.add_parser("demo", help="a self-contained demo with a local receiver")
+    demo.add_argument("--dir", default="syncer-demo", help="where to put it (recreated)")
+    demo.add_argument("--users", type=int, default=2000)
+    return parser
+
+
+def _schedule_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--every", metavar="DURATION", help="like 90s, 15m, 3h, 1d")
+    group.add_argument("--cron", metavar="CRON", help='like "0 */3 * * *"')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _dispatch(args)
+    except UsageError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except SyncerError as exc:
+        return _fail(EXIT_FAILED, str(exc))
+    except SQLAlchemyError as exc:
+        logger.debug("database error", exc_info=True)
+        orig = getattr(exc, "orig", None) or exc
+        return _fail(EXIT_FAILED, f"database error: {str(orig).strip().splitlines()[0]}")
+    except KeyboardInterrupt:
+        return _fail(130, "interrupted")
+    except Exception as exc:
+        logger.debug("unexpected error", exc_info=True)
+        return _fail(EXIT_FAILED, f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"syncer: error: {message}", file=sys.stderr)
+    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from syncer.demo import run_demo
+
+        return run_demo(args.dir, users=args.users, out=sys.stdout)
+    settings = load_settings(args.settings)
+    if args.command == "db":
+        db.upgrade(settings.database.url)
+        print(f"state database is at the latest schema: {db.safe_url(settings.database.url)}")
+        return EXIT_OK
+    state = db.open_state(settings.database.url)
+    try:
+        db.check_schema(state)
+        handler = {"audience": _audience, "sync": _sync, "history": _history}[args.command]
+        return handler(args, state, settings)
+    finally:
+        state.dispose()
+
+
+def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    command = args.audience_command
+    default_every = settings.schedule.default_every_seconds
+    if command == "create":
+        view = audiences.create(
+            state,
+            settings,
+            name=args.name,
+            sql=args.sql,
+            source=args.source,
+            schedule=audiences.parse_schedule(args.every, args.cron),
+        )
+        print(view.key)
+        return EXIT_OK
+    if command == "list":
+        views = audiences.list_all(state, include_deleted=args.all)
+        if args.json:
+            _print_json([_audience_json(v, default_every) for v in views])
+        else:
+            print(
+                history.format_table(
+                    ["KEY", "NAME", "STATUS", "SOURCE", "SCHEDULE"],
+                    [
+                        [v.key, v.name, v.status, v.source, v.schedule.describe(default_every)]
+                        for v in views
+                    ],
+                )
+            )
+        return EXIT_OK
+    if command == "show":
+        view = audiences.get(state, args.key, include_deleted=True)
+        data = _audience_json(view, default_every)
+        if args.json:
+            _print_json(data)
+        else:
+            for name, value in data.items():
+                print(f"{name + ':':<12} {value}")
+        return EXIT_OK
+    if command == "update":
+        schedule = None
+        if args.every or args.cron:
+            schedule = audiences.parse_schedule(args.every, args.cron)
+        view = audiences.update_definition(
+            state, settings, args.key, sql=args.sql, schedule=schedule
+        )
+        print(f"updated {view.key}")
+        return EXIT_OK
+    status = {"pause": AUDIENCE_PAUSED, "resume": AUDIENCE_ACTIVE, "delete": AUDIENCE_DELETED}
+    view = audiences.set_status(state, args.key, status[command])
+    print(f"{view.key}: {view.status}")
+    return EXIT_OK
+
+
+def _audience_json(view: audiences.AudienceView, default_every: int) -> dict[str, Any]:
+    return {
+        "key": view.key,
+        "name": view.name,
+        "status": view.status,
+        "source": view.source,
+        "sql": view.sql,
+        "schedule": view.schedule.describe(default_every),
+        "created_at": view.created_at.isoformat(),
+        "updated_at": view.updated_at.isoformat(),
+    }
+
+
+def _sync(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    show_progress = sys.stdout.isatty() and not args.json
+    results = sync_audiences(
+        state,
+        settings,
+        args.keys,
+        progress_for=(lambda key: ProgressBar(key, sys.stdout)) if show_progress else None,
+    )
+    if args.json:
+        _print_json([r.__dict__ for r in results])
+    else:
+        for r in results:
+            print(_describe(r))
+    if any(r.status == RUN_SKIPPED for r in results):
+        for r in results:
+            if r.status == RUN_SKIPPED:
+                print(f"syncer: {r.error}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if all(r.status == "succeeded" for r in results) else EXIT_FAILED
+
+
+def _describe(r: RunResult) -> str:
+    if r.run_id is None:
+        return f"{r.audience_key}: {r.status}"
+    text = (
+        f"{r.audience_key}: run {r.run_id} ({r.kind}) {r.status}: {r.members} members, "
+        f"+{r.added} -{r.removed}, sent {r.sent}, failed {r.failed} in {r.seconds:.1f}s"
+    )
+    if r.skipped:
+        text += f" ({r.skipped} blank or invalid ids skipped)"
+    if r.error:
+        text += f"\n  {r.error}"
+    return text
+
+
+def _history(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    del settings
+    records = history.runs(state, args.key, limit=args.limit)
+    if args.json:
+        _print_json([r.as_json() for r in records])
+        return EXIT_OK
+    print(history.format_runs(records))
+    return EXIT_OK
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+class ProgressBar:
+    """A one-line progress bar for a terminal."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, out: TextIO) -> None:
+        self.label = label
+        self.out = out
+
+    def __call__(self, done: int, total: int) -> None:
+        filled = self.WIDTH * done // total if total else self.WIDTH
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        end = "\n" if done >= total else ""
+        self.out.write(f"\r{self.label} [{bar}] {done}/{total}{end}")
+        self.out.flush()

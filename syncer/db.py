@@ -1,0 +1,162 @@
+"""Engines for the state database and for audience sources, and the schema's upgrade."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from syncer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+MIGRATIONS_PACKAGED = Path(__file__).parent / "_migrations"
+MIGRATIONS_SOURCE_TREE = Path(__file__).parent.parent / "migrations"
+
+
+def safe_url(url: URL) -> str:
+    """A database URL fit for messages: the password, if any, is masked."""
+    return url.render_as_string(hide_password=True)
+
+
+def create_state_engine(url: URL) -> Engine:
+    """The state database: SQLite in WAL mode with foreign keys on, or a server database."""
+    if url.get_backend_name() == "sqlite":
+        engine = create_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_pre_ping=False,
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    # Let SQLAlchemy's transaction boundaries be the real ones (no pysqlite implicit BEGIN quirks).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA temp_store=FILE")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    mode = conn.get_execution_options().get("sqlite_begin", "")
+    conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def install_sqlite_transactions(engine: Engine) -> None:
+    """Emit BEGIN ourselves, since the driver's implicit transactions are switched off."""
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "begin", _sqlite_begin)
+
+
+def open_state(url: URL) -> Engine:
+    engine = create_state_engine(url)
+    install_sqlite_transactions(engine)
+    return engine
+
+
+def create_source_engine(url: URL) -> Engine:
+    """A source database. SQLite sources open read-only (``mode=ro``, ``query_only``)."""
+    if url.get_backend_name() == "sqlite":
+        path = Path(url.database or "")
+        if not path.exists():
+            raise ConfigError(f"source database file {str(path)!r} does not exist")
+        ro = URL.create("sqlite", database=f"file:{path}", query={"mode": "ro", "uri": "true"})
+        engine = create_engine(ro)
+        event.listen(engine, "connect", _sqlite_readonly_on_connect)
+        install_sqlite_transactions(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_readonly_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+    dbapi_connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    dbapi_connection.execute("PRAGMA query_only=ON")
+
+
+def migrations_dir() -> Path:
+    for candidate in (MIGRATIONS_PACKAGED, MIGRATIONS_SOURCE_TREE):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise ConfigError("the syncer migrations are missing from this installation; reinstall syncer")
+
+
+def alembic_config(url: URL) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.attributes["syncer_url"] = url
+    return config
+
+
+def upgrade(url: URL, revision: str = "head") -> None:
+    """``alembic upgrade head`` against the state database."""
+    from alembic import command
+
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except SQLAlchemyError as exc:
+        raise ConfigError(
+            f"cannot upgrade the state database {safe_url(url)}: {_first_line(exc)}"
+        ) from None
+
+
+def downgrade(url: URL, revision: str = "base") -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse to work on a state database whose schema is missing or behind the code."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    heads = set(ScriptDirectory(str(migrations_dir())).get_heads())
+    try:
+        with engine.connect() as conn:
+            current = set(MigrationContext.configure(conn).get_current_heads())
+    except OperationalError as exc:
+        raise ConfigError(
+            f"cannot open the state database {safe_url(engine.url)}: {_first_line(exc)}"
+        ) from None
+    if current != heads:
+        what = "has no schema" if not current else "has an older schema"
+        raise ConfigError(
+            f"the state database {safe_url(engine.url)} {what}; run: syncer db upgrade"
+        )
+
+
+def table_names(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that takes SQLite's write lock up front (no upgrade deadlocks)."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execution_options(sqlite_begin="IMMEDIATE")
+        with conn.begin():
+            yield conn
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__

@@ -1,0 +1,340 @@
+"""The outbox: send what each workflow URL is owed, record every outcome.
+
+Each destination has its own pipeline (a reader paging pending rows in id order, and
+``max_concurrency`` senders), so a slow or failing URL does not hold back the others.
+Outcomes are written back in small batches by one recorder; a row only becomes ``sent``
+after Tray answered 2xx, so a crash can repeat the calls in flight, never lose one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from itertools import groupby
+
+from sqlalchemy import Engine, func, insert, select, update
+
+from syncer.db import write_transaction
+from syncer.errors import DeliveryError, PermanentDeliveryError
+from syncer.models import (
+    DELIVERIES,
+    DELIVERY_FAILED,
+    DELIVERY_PENDING,
+    DELIVERY_SENT,
+    Destination,
+)
+from syncer.settings import TraySettings
+from syncer.tray import TrayClient, identify_body, identify_message_id
+
+logger = logging.getLogger(__name__)
+
+PAGE_SIZE = 2_000
+FLUSH_EVERY_SECONDS = 0.25
+FLUSH_EVERY_OUTCOMES = 2_000
+UPDATE_CHUNK = 500
+D = DELIVERIES
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """A workflow URL and its row in ``destinations``."""
+
+    id: int
+    url: str
+
+
+def register_destinations(engine: Engine, urls: Sequence[str]) -> list[Target]:
+    """Make sure every configured URL has a ``destinations`` row; return them in order."""
+    if not urls:
+        return []
+    now = datetime.now(UTC)
+    with write_transaction(engine) as conn:
+        known = dict(
+            conn.execute(
+                select(Destination.url, Destination.id).where(Destination.url.in_(urls))
+            ).all()
+        )
+        for url in urls:
+            if url not in known:
+                known[url] = conn.execute(
+                    insert(Destination).values(url=url, first_seen_at=now).returning(Destination.id)
+                ).scalar_one()
+    return [Target(id=known[url], url=url) for url in urls]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Audience:
+    id: int
+    key: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What became of one delivery row in this pass."""
+
+    delivery_id: int
+    status: str
+    attempts: int
+    status_code: int | None
+    error: str | None
+    at: datetime
+
+
+@dataclass(kw_only=True)
+class DeliveryTotals:
+    sent: int = 0
+    failed: int = 0
+    retry_later: int = 0
+
+    @property
+    def not_delivered(self) -> int:
+        return self.failed + self.retry_later
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Pending:
+    id: int
+    run_id: int
+    user_id: str
+    value: bool
+    created_at: datetime
+
+
+@dataclass(kw_only=True)
+class _Recorder:
+    engine: Engine
+    retry_after: timedelta
+    outcomes: list[Outcome] = field(default_factory=list)
+    totals: DeliveryTotals = field(default_factory=DeliveryTotals)
+    done: int = 0
+
+    def add(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        self.done += 1
+        if outcome.status == DELIVERY_SENT:
+            self.totals.sent += 1
+        elif outcome.status == DELIVERY_FAILED:
+            self.totals.failed += 1
+        else:
+            self.totals.retry_later += 1
+
+    def take(self) -> list[Outcome]:
+        taken, self.outcomes = self.outcomes, []
+        return taken
+
+    def write(self, outcomes: list[Outcome]) -> None:
+        """Record outcomes with one UPDATE per (status, attempts, code, error) group."""
+        if not outcomes:
+            return
+
+        def key(o: Outcome) -> tuple[str, int, int, str]:
+            return (o.status, o.attempts, o.status_code or 0, o.error or "")
+
+        now = datetime.now(UTC)
+        with write_transaction(self.engine) as conn:
+            for (status, attempts, _code, _error), group in groupby(
+                sorted(outcomes, key=key), key=key
+            ):
+                rows = list(group)
+                first = rows[0]
+                values: dict[str, object] = {
+                    "status": status,
+                    "attempts": D.c.attempts + attempts,
+                    "last_attempt_at": max(o.at for o in rows),
+                    "last_status_code": first.status_code,
+                    "last_error": first.error,
+                }
+                if status == DELIVERY_SENT:
+                    values["delivered_at"] = values["last_attempt_at"]
+                if status == DELIVERY_PENDING:
+                    values["next_attempt_at"] = now + self.retry_after
+                ids = [o.delivery_id for o in rows]
+                for start in range(0, len(ids), UPDATE_CHUNK):
+                    conn.execute(
+                        update(D)
+                        .where(
+                            D.c.id.in_(ids[start : start + UPDATE_CHUNK]),
+                            D.c.status == DELIVERY_PENDING,
+                        )
+                        .values(values)
+                    )
+
+
+def count_pending(engine: Engine, audience_id: int, destination_ids: Sequence[int]) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(D)
+                .where(
+                    D.c.status == DELIVERY_PENDING,
+                    D.c.audience_id == audience_id,
+                    D.c.destination_id.in_(destination_ids),
+                )
+            ).scalar_one()
+        )
+
+
+def _read_page(
+    engine: Engine, audience_id: int, destination_id: int, after_id: int
+) -> list[_Pending]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(D.c.id, D.c.run_id, D.c.user_id, D.c.trait_value, D.c.created_at)
+            .where(
+                D.c.status == DELIVERY_PENDING,
+                D.c.audience_id == audience_id,
+                D.c.destination_id == destination_id,
+                D.c.id > after_id,
+            )
+            .order_by(D.c.id)
+            .limit(PAGE_SIZE)
+        ).all()
+    return [
+        _Pending(
+            id=r.id,
+            run_id=r.run_id,
+            user_id=r.user_id,
+            value=bool(r.trait_value),
+            created_at=r.created_at,
+        )
+        for r in rows
+    ]
+
+
+def backoff_seconds(attempt: int, tray: TraySettings, retry_after: float | None) -> float:
+    """Full-jitter exponential backoff; a server's Retry-After is a floor."""
+    ceiling = min(tray.backoff_max_seconds, tray.backoff_base_seconds * 2 ** (attempt - 1))
+    delay = random.uniform(0, ceiling)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+async def _send_with_retries(
+    client: TrayClient, url: str, body: bytes, tray: TraySettings, delivery_id: int
+) -> Outcome:
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            code = await client.post(url, body)
+            return Outcome(
+                delivery_id=delivery_id,
+                status=DELIVERY_SENT,
+                attempts=attempt,
+                status_code=code,
+                error=None,
+                at=datetime.now(UTC),
+            )
+        except PermanentDeliveryError as exc:
+            return Outcome(
+                delivery_id=delivery_id,
+                status=DELIVERY_FAILED,
+                attempts=attempt,
+                status_code=exc.status_code,
+                error=str(exc),
+                at=datetime.now(UTC),
+            )
+        except DeliveryError as exc:
+            delay = backoff_seconds(attempt, tray, exc.retry_after)
+            if attempt >= tray.max_attempts or delay > tray.backoff_max_seconds:
+                # Still owed: stays pending for the next run, with what went wrong.
+                return Outcome(
+                    delivery_id=delivery_id,
+                    status=DELIVERY_PENDING,
+                    attempts=attempt,
+                    status_code=exc.status_code,
+                    error=str(exc),
+                    at=datetime.now(UTC),
+                )
+            await asyncio.sleep(delay)
+
+
+async def deliver_audience(
+    engine: Engine,
+    audience: Audience,
+    targets: Sequence[Target],
+    tray: TraySettings,
+    *,
+    progress: Progress | None = None,
+) -> DeliveryTotals:
+    """Send every pending identify of this audience to each configured URL."""
+    if not targets:
+        return DeliveryTotals()
+    total = await asyncio.to_thread(count_pending, engine, audience.id, [t.id for t in targets])
+    recorder = _Recorder(engine=engine, retry_after=timedelta(seconds=tray.backoff_max_seconds))
+    if total == 0:
+        return recorder.totals
+    if progress:
+        progress(0, total)
+    stop_flushing = asyncio.Event()
+
+    async def flusher() -> None:
+        while not stop_flushing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_flushing.wait(), FLUSH_EVERY_SECONDS)
+            await asyncio.to_thread(recorder.write, recorder.take())
+            if progress:
+                progress(recorder.done, total)
+
+    async def pipeline(client: TrayClient, target: Target) -> None:
+        queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=PAGE_SIZE)
+
+        async def reader() -> None:
+            after = 0
+            while page := await asyncio.to_thread(
+                _read_page, engine, audience.id, target.id, after
+            ):
+                for row in page:
+                    await queue.put(row)
+                after = page[-1].id
+            for _ in range(tray.max_concurrency):
+                await queue.put(None)
+
+        async def sender() -> None:
+            while (row := await queue.get()) is not None:
+                body = identify_body(
+                    user_id=row.user_id,
+                    audience_key=audience.key,
+                    audience_id=audience.id,
+                    value=row.value,
+                    message_id=identify_message_id(audience.id, row.run_id, row.user_id),
+                    timestamp=row.created_at,
+                )
+                recorder.add(await _send_with_retries(client, target.url, body, tray, row.id))
+                if len(recorder.outcomes) >= FLUSH_EVERY_OUTCOMES:
+                    await asyncio.to_thread(recorder.write, recorder.take())
+
+        await asyncio.gather(reader(), *(sender() for _ in range(tray.max_concurrency)))
+
+    started = time.monotonic()
+    flushing = asyncio.create_task(flusher())
+    try:
+        async with TrayClient(
+            timeout_seconds=tray.timeout_seconds,
+            max_connections=tray.max_concurrency * len(targets),
+            shared_secret=tray.shared_secret,
+        ) as client:
+            await asyncio.gather(*(pipeline(client, t) for t in targets))
+    finally:
+        stop_flushing.set()
+        await flushing
+        await asyncio.to_thread(recorder.write, recorder.take())
+    logger.debug(
+        "audience %s: %d deliveries in %.1fs",
+        audience.key,
+        recorder.done,
+        time.monotonic() - started,
+    )
+    if progress:
+        progress(recorder.done, total)
+    return recorder.totals

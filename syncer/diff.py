@@ -1,0 +1,383 @@
+"""Staging and the SQL diff: the new snapshot against current membership, never in Python.
+
+All of it runs on one state-database connection, because the staged ids and the computed
+changes live in temporary tables of that connection:
+
+- ``syncer_staged(user_id)``: this run's members, one row each (duplicates collapse);
+- ``syncer_changes(user_id, entered)``: who entered (true) and who left (false).
+
+``commit_snapshot`` then records the new snapshot, the changes and the outbox in one
+transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    MetaData,
+    Table,
+    and_,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from syncer.models import (
+    DELIVERIES,
+    DELIVERY_PENDING,
+    DELIVERY_SUPERSEDED,
+    KIND_IDENTIFY,
+    MEMBERSHIPS,
+    USER_ID_LENGTH,
+    AudienceDestination,
+    SyncRun,
+    exact_string,
+)
+from syncer.sources import Source, id_column, member_query, read_only, run_error
+
+logger = logging.getLogger(__name__)
+
+STREAM_BATCH = 10_000
+
+_temp = MetaData()
+STAGED = Table(
+    "syncer_staged",
+    _temp,
+    Column("user_id", exact_string(USER_ID_LENGTH), primary_key=True),
+    prefixes=["TEMPORARY"],
+    sqlite_with_rowid=False,
+)
+STAGED_RAW = Table(
+    "syncer_staged_raw",
+    _temp,
+    Column("user_id", exact_string(USER_ID_LENGTH)),
+    prefixes=["TEMPORARY"],
+)
+CHANGES = Table(
+    "syncer_changes",
+    _temp,
+    Column("user_id", exact_string(USER_ID_LENGTH), primary_key=True),
+    Column("entered", Boolean(create_constraint=False), nullable=False),
+    prefixes=["TEMPORARY"],
+    sqlite_with_rowid=False,
+)
+M = MEMBERSHIPS
+D = DELIVERIES
+
+
+@dataclass(frozen=True, kw_only=True)
+class Staged:
+    members: int
+    skipped: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Diff:
+    added: int
+    removed: int
+
+
+def reset_temp_tables(conn: Connection) -> None:
+    with conn.begin():
+        for table in (CHANGES, STAGED_RAW, STAGED):
+            table.drop(conn, checkfirst=True)
+
+
+def stage(conn: Connection, source: Source, sql: str) -> Staged:
+    """Evaluate the definition on its source and load the ids into ``syncer_staged``."""
+    reset_temp_tables(conn)
+    with conn.begin():
+        STAGED.create(conn)
+    if source.same_as_state:
+        return _stage_in_place(conn, source, sql)
+    return _stage_streamed(conn, source, sql)
+
+
+def _stage_in_place(conn: Connection, source: Source, sql: str) -> Staged:
+    """Source and state are one database: ``INSERT … SELECT``, no round trip through Python."""
+    try:
+        with conn.begin():
+            query = member_query(sql, id_column(conn, sql))
+            conn.execute(insert(STAGED).from_select(["user_id"], query.members.distinct()))
+            skipped = conn.execute(
+                select(func.count()).select_from(query.rows).where(~query.valid)
+            ).scalar_one()
+            members = conn.execute(select(func.count()).select_from(STAGED)).scalar_one()
+    except SQLAlchemyError as exc:
+        raise run_error(source, exc) from None
+    return Staged(members=int(members), skipped=int(skipped))
+
+
+def _stage_streamed(conn: Connection, source: Source, sql: str) -> Staged:
+    """Different databases: stream ids from the source in batches into the state database."""
+    skipped = 0
+    try:
+        with source.engine.connect() as src, read_only(src, source.settings.query_timeout_seconds):
+            id_name = id_column(src, sql)
+            raw = select(member_query(sql, id_name).id)
+            result = src.execution_options(stream_results=True, yield_per=STREAM_BATCH).execute(raw)
+            loader = _Loader(conn)
+            for batch in result.partitions(STREAM_BATCH):
+                ids = []
+                for (value,) in batch:
+                    user_id = None if value is None else str(value)
+                    if user_id is None or not user_id.strip() or len(user_id) > USER_ID_LENGTH:
+                        skipped += 1
+                        continue
+                    ids.append(user_id)
+                loader.load(ids)
+            members = loader.finish()
+    except SQLAlchemyError as exc:
+        raise run_error(source, exc) from None
+    return Staged(members=members, skipped=skipped)
+
+
+class _Loader:
+    """Bulk-loads ids into ``syncer_staged`` the fastest way the state database allows."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.dialect = conn.dialect.name
+        if self.dialect == "postgresql":
+            with conn.begin():
+                STAGED_RAW.create(conn)
+
+    def load(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        with self.conn.begin():
+            if self.dialect == "postgresql":
+                raw = self.conn.connection.dbapi_connection
+                assert raw is not None
+                with (
+                    raw.cursor() as cursor,  # type: ignore[attr-defined]
+                    cursor.copy("COPY syncer_staged_raw (user_id) FROM STDIN") as copy,
+                ):
+                    for user_id in ids:
+                        copy.write_row((user_id,))
+            elif self.dialect == "sqlite":
+                self.conn.exec_driver_sql(
+                    "INSERT OR IGNORE INTO syncer_staged (user_id) VALUES (?)",
+                    [(user_id,) for user_id in ids],
+                )
+            else:
+                self.conn.execute(
+                    insert(STAGED).prefix_with("IGNORE"), [{"user_id": u} for u in ids]
+                )
+
+    def finish(self) -> int:
+        with self.conn.begin():
+            if self.dialect == "postgresql":
+                self.conn.execute(
+                    insert(STAGED).from_select(["user_id"], select(STAGED_RAW.c.user_id).distinct())
+                )
+                STAGED_RAW.drop(self.conn)
+                self.conn.exec_driver_sql("ANALYZE syncer_staged")
+            return int(self.conn.execute(select(func.count()).select_from(STAGED)).scalar_one())
+
+
+def current_members(audience_id: int) -> object:
+    return and_(M.c.audience_id == audience_id, M.c.exited_run_id.is_(None))
+
+
+def compute(conn: Connection, audience_id: int) -> Diff:
+    """Anti-joins both ways into ``syncer_changes``."""
+    with conn.begin():
+        CHANGES.create(conn)
+        is_member = exists().where(
+            M.c.audience_id == audience_id,
+            M.c.user_id == STAGED.c.user_id,
+            M.c.exited_run_id.is_(None),
+        )
+        conn.execute(
+            insert(CHANGES).from_select(
+                ["user_id", "entered"],
+                select(STAGED.c.user_id, true()).where(~is_member),
+            )
+        )
+        still_staged = exists().where(STAGED.c.user_id == M.c.user_id)
+        conn.execute(
+            insert(CHANGES).from_select(
+                ["user_id", "entered"],
+                select(M.c.user_id, false()).where(
+                    M.c.audience_id == audience_id, M.c.exited_run_id.is_(None), ~still_staged
+                ),
+            )
+        )
+        counts: dict[bool, int] = dict(
+            conn.execute(select(CHANGES.c.entered, func.count()).group_by(CHANGES.c.entered)).all()
+        )
+    return Diff(added=int(counts.get(True, 0)), removed=int(counts.get(False, 0)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outbox:
+    """What one commit queued: deliveries per destination."""
+
+    queued: int
+    backfilled_destinations: tuple[int, ...]
+
+
+def commit_snapshot(
+    conn: Connection,
+    *,
+    audience_id: int,
+    run_id: int,
+    destination_ids: list[int],
+    staged: Staged,
+    diff: Diff,
+) -> Outbox:
+    """One transaction: the new snapshot, the run's changes, and the outbox.
+
+    Destinations that already hold the audience get the changes; destinations that never got
+    it (a new audience, or a URL added to settings) get its full current membership.
+    """
+    now = datetime.now(UTC)
+    dialect = conn.dialect.name
+    opts = {"sqlite_begin": "IMMEDIATE"} if dialect == "sqlite" else {}
+    conn.execution_options(**opts)
+    queued = 0
+    with conn.begin():
+        known = set(
+            conn.execute(
+                select(AudienceDestination.destination_id).where(
+                    AudienceDestination.audience_id == audience_id
+                )
+            ).scalars()
+        )
+        existing = [d for d in destination_ids if d in known]
+        new = [d for d in destination_ids if d not in known]
+
+        left = select(CHANGES.c.user_id).where(CHANGES.c.entered == false())
+        conn.execute(
+            update(M)
+            .where(
+                M.c.audience_id == audience_id,
+                M.c.exited_run_id.is_(None),
+                M.c.user_id.in_(left.scalar_subquery()),
+            )
+            .values(exited_run_id=run_id)
+        )
+        conn.execute(
+            insert(M).from_select(
+                ["audience_id", "user_id", "entered_run_id"],
+                select(literal(audience_id), CHANGES.c.user_id, literal(run_id)).where(
+                    CHANGES.c.entered == true()
+                ),
+            )
+        )
+        if diff.added + diff.removed and existing and _has_pending(conn, audience_id):
+            # Last value wins: an older undelivered change is never sent after this one.
+            conn.execute(
+                update(D)
+                .where(
+                    D.c.status == DELIVERY_PENDING,
+                    D.c.audience_id == audience_id,
+                    D.c.user_id.in_(select(CHANGES.c.user_id).scalar_subquery()),
+                )
+                .values(status=DELIVERY_SUPERSEDED)
+            )
+        for destination_id in existing:
+            queued += _enqueue(
+                conn,
+                select(CHANGES.c.user_id, CHANGES.c.entered),
+                audience_id=audience_id,
+                run_id=run_id,
+                destination_id=destination_id,
+                now=now,
+            )
+        for destination_id in new:
+            queued += _enqueue(
+                conn,
+                select(M.c.user_id, true()).where(
+                    M.c.audience_id == audience_id, M.c.exited_run_id.is_(None)
+                ),
+                audience_id=audience_id,
+                run_id=run_id,
+                destination_id=destination_id,
+                now=now,
+            )
+            conn.execute(
+                insert(AudienceDestination).values(
+                    audience_id=audience_id, destination_id=destination_id, since_run_id=run_id
+                )
+            )
+        conn.execute(
+            update(SyncRun)
+            .where(SyncRun.id == run_id)
+            .values(
+                members=staged.members,
+                added=diff.added,
+                removed=diff.removed,
+                skipped_ids=staged.skipped,
+                committed_at=now,
+            )
+        )
+    conn.execution_options(sqlite_begin="")
+    return Outbox(queued=queued, backfilled_destinations=tuple(new))
+
+
+def _has_pending(conn: Connection, audience_id: int) -> bool:
+    return (
+        conn.execute(
+            select(D.c.id)
+            .where(D.c.status == DELIVERY_PENDING, D.c.audience_id == audience_id)
+            .limit(1)
+        ).first()
+        is not None
+    )
+
+
+def _enqueue(
+    conn: Connection,
+    changes: object,
+    *,
+    audience_id: int,
+    run_id: int,
+    destination_id: int,
+    now: datetime,
+) -> int:
+    assert hasattr(changes, "subquery")
+    sub = changes.subquery()
+    user_col, value_col = list(sub.c)
+    result = conn.execute(
+        insert(D).from_select(
+            [
+                "run_id",
+                "audience_id",
+                "destination_id",
+                "user_id",
+                "kind",
+                "trait_value",
+                "status",
+                "attempts",
+                "created_at",
+                "next_attempt_at",
+            ],
+            select(
+                literal(run_id),
+                literal(audience_id),
+                literal(destination_id),
+                user_col,
+                literal(KIND_IDENTIFY),
+                value_col,
+                literal(DELIVERY_PENDING),
+                literal(0),
+                literal(now, D.c.created_at.type),
+                literal(now, D.c.next_attempt_at.type),
+            ).select_from(sub),
+        )
+    )
+    return max(0, result.rowcount or 0)

@@ -1,0 +1,242 @@
+"""The state database's tables (SQLAlchemy 2.0 typed declarative).
+
+Alembic owns the schema (``migrations/``); a test proves the migrations give exactly these
+models. Every timestamp is stored in UTC. ``docs/schema.md`` explains each table to DBAs.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeEngine
+
+USER_ID_LENGTH = 255
+URL_LENGTH = 700
+
+# Status values, as stored.
+AUDIENCE_ACTIVE, AUDIENCE_PAUSED, AUDIENCE_DELETED = "active", "paused", "deleted"
+RUN_RUNNING, RUN_SUCCEEDED, RUN_PARTIAL, RUN_FAILED, RUN_INTERRUPTED = (
+    "running",
+    "succeeded",
+    "partial",
+    "failed",
+    "interrupted",
+)
+RUN_INITIAL, RUN_INCREMENTAL = "initial", "incremental"
+DELIVERY_PENDING, DELIVERY_SENT, DELIVERY_FAILED, DELIVERY_SUPERSEDED = (
+    "pending",
+    "sent",
+    "failed",
+    "superseded",
+)
+KIND_IDENTIFY, KIND_DELETE = "identify", "delete"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as UTC and always read back as an aware UTC datetime."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name in ("sqlite", "mysql") else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def exact_string(length: int) -> String:
+    """Text compared byte for byte everywhere (MySQL's default collation ignores case)."""
+    return String(length).with_variant(
+        mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql", "mariadb"
+    )
+
+
+# A 64-bit id that is still SQLite's fast rowid alias.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Audience(Base):
+    """One audience: a name, its fixed key, a definition over a source, a schedule."""
+
+    __tablename__ = "audiences"
+    __table_args__ = (
+        CheckConstraint("status IN ('active', 'paused', 'deleted')", name="status"),
+        CheckConstraint("every_seconds IS NULL OR cron IS NULL", name="one_schedule"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(exact_string(255), unique=True)
+    name: Mapped[str] = mapped_column(String(255))
+    source_name: Mapped[str] = mapped_column(String(100))
+    definition_sql: Mapped[str] = mapped_column(Text)
+    every_seconds: Mapped[int | None] = mapped_column(Integer)
+    cron: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Destination(Base):
+    """A Tray workflow URL that has appeared in settings.toml."""
+
+    __tablename__ = "destinations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(exact_string(URL_LENGTH), unique=True)
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AudienceDestination(Base):
+    """Which destination has been given an audience's full membership, and in which run."""
+
+    __tablename__ = "audience_destinations"
+
+    audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id"), primary_key=True)
+    destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id"), primary_key=True)
+    since_run_id: Mapped[int] = mapped_column(ForeignKey("sync_runs.id"))
+
+
+class SyncRun(Base):
+    """One run of one audience: what it found and how it ended."""
+
+    __tablename__ = "sync_runs"
+    __table_args__ = (
+        CheckConstraint("kind IN ('initial', 'incremental')", name="kind"),
+        CheckConstraint(
+            "status IN ('running', 'succeeded', 'partial', 'failed', 'interrupted')",
+            name="status",
+        ),
+        Index(None, "audience_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    committed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    members: Mapped[int | None] = mapped_column(Integer)
+    added: Mapped[int | None] = mapped_column(Integer)
+    removed: Mapped[int | None] = mapped_column(Integer)
+    skipped_ids: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+
+
+class Membership(Base):
+    """One stay of a user in an audience: entered in one run, exited in a later one (or not yet).
+
+    Current members have ``exited_run_id IS NULL``. The members as of run N are the rows with
+    ``entered_run_id <= N AND (exited_run_id IS NULL OR exited_run_id > N)``.
+    """
+
+    __tablename__ = "memberships"
+    __table_args__ = (
+        Index(None, "entered_run_id"),
+        Index(None, "exited_run_id"),
+        {"sqlite_with_rowid": False},
+    )
+
+    audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(exact_string(USER_ID_LENGTH), primary_key=True)
+    entered_run_id: Mapped[int] = mapped_column(ForeignKey("sync_runs.id"), primary_key=True)
+    exited_run_id: Mapped[int | None] = mapped_column(ForeignKey("sync_runs.id"))
+
+
+class Delivery(Base):
+    """The outbox and its history: one message for one user to one destination."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        CheckConstraint("kind IN ('identify', 'delete')", name="kind"),
+        CheckConstraint("status IN ('pending', 'sent', 'failed', 'superseded')", name="status"),
+        Index(None, "status", "audience_id", "destination_id", "id"),
+        Index(None, "audience_id", "user_id"),
+        Index(None, "run_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("sync_runs.id"))
+    audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id"))
+    destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id"))
+    user_id: Mapped[str] = mapped_column(exact_string(USER_ID_LENGTH))
+    kind: Mapped[str] = mapped_column(String(16))
+    trait_value: Mapped[bool | None] = mapped_column(Boolean(create_constraint=False))
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class SyncLease(Base):
+    """Who is running an audience right now. At most one row per audience."""
+
+    __tablename__ = "sync_leases"
+
+    audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id"), primary_key=True)
+    token: Mapped[str] = mapped_column(String(64))
+    holder_host: Mapped[str] = mapped_column(String(255))
+    holder_pid: Mapped[int] = mapped_column(Integer)
+    holder_started: Mapped[int | None] = mapped_column(BigInteger)
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+def _table(model: type[Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
+AUDIENCES = _table(Audience)
+MEMBERSHIPS = _table(Membership)
+DELIVERIES = _table(Delivery)

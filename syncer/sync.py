@@ -1,0 +1,246 @@
+"""One sync run of one audience, step by step, as DESIGN.md's "flow of one run" describes it.
+
+1. take the audience's lease            (leases.held)
+2. evaluate the definition and stage    (diff.stage)
+3. diff staged against current, in SQL  (diff.compute)
+4. commit snapshot + changes + outbox   (diff.commit_snapshot: one transaction)
+5. deliver the outbox                   (delivery.deliver_audience)
+6. finish the run, release the lease    (finish_run)
+
+A crash before step 4 commits changes nothing; after it, nothing is lost: pending deliveries
+are sent by the next run, and the dead run is marked 'interrupted' when its lease is taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, insert, select, update
+
+from syncer import audiences, diff, leases
+from syncer.audiences import AudienceView
+from syncer.db import write_transaction
+from syncer.delivery import (
+    Audience,
+    DeliveryTotals,
+    Progress,
+    Target,
+    deliver_audience,
+    register_destinations,
+)
+from syncer.errors import ConfigError, LeaseHeldError, SourceError
+from syncer.models import (
+    AUDIENCE_ACTIVE,
+    RUN_FAILED,
+    RUN_INCREMENTAL,
+    RUN_INITIAL,
+    RUN_PARTIAL,
+    RUN_RUNNING,
+    RUN_SUCCEEDED,
+    SyncRun,
+)
+from syncer.settings import Settings
+from syncer.sources import open_source
+
+logger = logging.getLogger(__name__)
+
+RUN_SKIPPED = "skipped"  # reported, never stored: another process holds the lease
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    run_id: int | None
+    audience_key: str
+    kind: str | None
+    status: str
+    members: int = 0
+    added: int = 0
+    removed: int = 0
+    skipped: int = 0
+    sent: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def sync_audiences(
+    state: Engine,
+    settings: Settings,
+    keys: Sequence[str] = (),
+    *,
+    progress_for: object = None,
+) -> list[RunResult]:
+    """Run the given audiences (default: every active one), one after another."""
+    if not settings.tray.workflow_urls:
+        raise ConfigError(
+            "no Tray workflow URL configured; set [tray] workflow_urls in settings.toml "
+            "(or try: syncer demo)"
+        )
+    views = (
+        [audiences.get(state, key) for key in keys]
+        if keys
+        else [a for a in audiences.list_all(state) if a.status == AUDIENCE_ACTIVE]
+    )
+    leases.close_orphaned_runs(state)
+    results = []
+    for view in views:
+        progress = progress_for(view.key) if callable(progress_for) else None
+        results.append(run_audience(state, settings, view, progress=progress))
+    return results
+
+
+def run_audience(
+    state: Engine, settings: Settings, audience: AudienceView, *, progress: Progress | None = None
+) -> RunResult:
+    """One run: lease, evaluate + stage + diff + commit, deliver, finish."""
+    targets = register_destinations(state, settings.tray.workflow_urls)
+    try:
+        lease = leases.acquire(state, audience.id, audience.key)
+    except LeaseHeldError as exc:
+        return RunResult(
+            run_id=None, audience_key=audience.key, kind=None, status=RUN_SKIPPED, error=str(exc)
+        )
+    try:
+        result = _run_leased(state, settings, audience, targets, progress)
+    finally:
+        lease.release()
+    logger.info(
+        "audience %s run %s %s: %s, members %d, +%d -%d, sent %d, failed %d, %.1fs",
+        result.audience_key,
+        result.run_id,
+        result.kind,
+        result.status,
+        result.members,
+        result.added,
+        result.removed,
+        result.sent,
+        result.failed,
+        result.seconds,
+    )
+    return result
+
+
+def _run_leased(
+    state: Engine,
+    settings: Settings,
+    audience: AudienceView,
+    targets: list[Target],
+    progress: Progress | None,
+) -> RunResult:
+    started = time.monotonic()
+    run_id, kind = start_run(state, audience.id)
+    try:
+        staged, changes = evaluate_and_commit(state, settings, audience, run_id, targets)
+        totals = asyncio.run(
+            deliver_audience(
+                state,
+                Audience(id=audience.id, key=audience.key),
+                targets,
+                settings.tray,
+                progress=progress,
+            )
+        )
+    except SourceError as exc:
+        finish_run(state, run_id, RUN_FAILED, error=str(exc))
+        return RunResult(
+            run_id=run_id,
+            audience_key=audience.key,
+            kind=kind,
+            status=RUN_FAILED,
+            error=str(exc),
+            seconds=time.monotonic() - started,
+        )
+    except BaseException as exc:
+        finish_run(state, run_id, RUN_FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    if totals.not_delivered == 0:
+        status = RUN_SUCCEEDED
+    else:
+        status = RUN_PARTIAL if totals.sent else RUN_FAILED
+    finish_run(state, run_id, status, error=_delivery_error(totals))
+    return RunResult(
+        run_id=run_id,
+        audience_key=audience.key,
+        kind=kind,
+        status=status,
+        members=staged.members,
+        added=changes.added,
+        removed=changes.removed,
+        skipped=staged.skipped,
+        sent=totals.sent,
+        failed=totals.not_delivered,
+        seconds=time.monotonic() - started,
+    )
+
+
+def evaluate_and_commit(
+    state: Engine, settings: Settings, audience: AudienceView, run_id: int, targets: list[Target]
+) -> tuple[diff.Staged, diff.Diff]:
+    """Steps 2 to 4 on one state connection (the staged ids live in its temporary tables)."""
+    source = open_source(settings, audience.source)
+    try:
+        with state.connect() as conn:
+            try:
+                staged = diff.stage(conn, source, audience.sql)
+                changes = diff.compute(conn, audience.id)
+                diff.commit_snapshot(
+                    conn,
+                    audience_id=audience.id,
+                    run_id=run_id,
+                    destination_ids=[t.id for t in targets],
+                    staged=staged,
+                    diff=changes,
+                )
+            finally:
+                diff.reset_temp_tables(conn)
+    finally:
+        source.engine.dispose()
+    return staged, changes
+
+
+def _delivery_error(totals: DeliveryTotals) -> str | None:
+    if not totals.not_delivered:
+        return None
+    return (
+        f"{totals.not_delivered} deliveries not made ({totals.failed} failed for good, "
+        f"{totals.retry_later} still owed and retried by the next run)"
+    )
+
+
+def start_run(state: Engine, audience_id: int) -> tuple[int, str]:
+    """Open the run's row. Its kind is 'initial' until a run of this audience has committed."""
+    with write_transaction(state) as conn:
+        committed_before = conn.execute(
+            select(SyncRun.id)
+            .where(SyncRun.audience_id == audience_id, SyncRun.committed_at.is_not(None))
+            .limit(1)
+        ).first()
+        kind = RUN_INCREMENTAL if committed_before else RUN_INITIAL
+        run_id = conn.execute(
+            insert(SyncRun)
+            .values(
+                audience_id=audience_id,
+                kind=kind,
+                status=RUN_RUNNING,
+                started_at=datetime.now(UTC),
+                host=leases.HOST,
+                pid=os.getpid(),
+            )
+            .returning(SyncRun.id)
+        ).scalar_one()
+    return int(run_id), kind
+
+
+def finish_run(state: Engine, run_id: int, status: str, *, error: str | None = None) -> None:
+    with write_transaction(state) as conn:
+        conn.execute(
+            update(SyncRun)
+            .where(SyncRun.id == run_id, SyncRun.status == RUN_RUNNING)
+            .values(status=status, finished_at=datetime.now(UTC), error=error)
+        )
