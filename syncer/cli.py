@@ -100,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Request lines name workflow URLs, which are credentials of a kind: never log them.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.root.level))
     try:
         return _dispatch(args)
     except UsageError as exc:

@@ -1,0 +1,227 @@
+"""Plain helpers for tests: settings files, SQLite warehouses, the ``syncer`` CLI in a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEST_SECRET = "test-secret"  # the secret the `receiver` fixture checks signatures with
+
+# Fast, test-friendly [tray] values; override any of them with write_settings(tray={...}).
+TEST_TRAY_OPTIONS: dict[str, object] = {
+    "timeout_seconds": 2,
+    "backoff_base_seconds": 0.01,
+    "backoff_max_seconds": 0.2,
+}
+
+_BARE_KEY = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def toml_value(value: object) -> str:
+    """A Python str/bool/int/float/list as a TOML value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} as a TOML value")
+
+
+def toml_key(key: str) -> str:
+    return key if key and set(key) <= _BARE_KEY else json.dumps(key, ensure_ascii=False)
+
+
+def write_settings(
+    path: Path,
+    *,
+    state_url: str,
+    sources: Mapping[str, str] | None = None,
+    workflow_urls: list[str] | None = None,
+    shared_secret: str | None = None,
+    tray: Mapping[str, object] | None = None,
+    extra: str = "",
+) -> Path:
+    """Write a settings.toml and return its path.
+
+    ``path`` is the file, or a folder to put ``settings.toml`` in. ``[tray]`` is always written
+    last, with TEST_TRAY_OPTIONS updated by ``tray``; ``extra`` is appended verbatim, so bare
+    ``key = value`` lines in it land in ``[tray]`` (prefer ``tray={...}`` for those).
+    """
+    if path.is_dir():
+        path = path / "settings.toml"
+    lines = ["[database]", f"url = {toml_value(state_url)}", ""]
+    for name, url in (sources or {}).items():
+        lines += [f"[sources.{toml_key(name)}]", f"url = {toml_value(url)}", ""]
+    tray_options: dict[str, object] = {}
+    if workflow_urls is not None:
+        tray_options["workflow_urls"] = list(workflow_urls)
+    if shared_secret is not None:
+        tray_options["shared_secret"] = shared_secret
+    tray_options |= TEST_TRAY_OPTIONS
+    tray_options |= dict(tray or {})
+    lines.append("[tray]")
+    lines += [f"{toml_key(key)} = {toml_value(value)}" for key, value in tray_options.items()]
+    text = "\n".join(lines) + "\n"
+    if extra:
+        text += "\n" + extra.strip("\n") + "\n"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _sqlite_path(url_or_path: str | Path) -> Path:
+    text = str(url_or_path)
+    if text.startswith("sqlite:///"):
+        return Path(text.removeprefix("sqlite:///"))
+    return Path(text)
+
+
+def set_warehouse_users(
+    url_or_path: str | Path, user_ids: Iterable[str | None], *, table: str = "users"
+) -> None:
+    """Replace the content of the warehouse's users table (created if missing).
+
+    ``None`` ids are stored as NULL, to exercise skipping of blank/NULL ids.
+    """
+    quoted = '"' + table.replace('"', '""') + '"'
+    rows = ((uid, None if uid is None else f"{uid}@example.com", "pro") for uid in user_ids)
+    with contextlib.closing(sqlite3.connect(_sqlite_path(url_or_path))) as conn, conn:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {quoted} (user_id TEXT, email TEXT, plan TEXT)")
+        conn.execute(f"DELETE FROM {quoted}")
+        conn.executemany(f"INSERT INTO {quoted} (user_id, email, plan) VALUES (?, ?, ?)", rows)
+
+
+def make_warehouse(path: Path, user_ids: Iterable[str | None], *, table: str = "users") -> str:
+    """A SQLite file with ``table(user_id TEXT, email TEXT, plan TEXT)`` holding ``user_ids``
+    (plan 'pro' for all). Returns its ``sqlite:///<absolute path>`` URL."""
+    path = path.resolve()
+    set_warehouse_users(path, user_ids, table=table)
+    return f"sqlite:///{path}"
+
+
+def cli_command(*args: str, settings: Path) -> list[str]:
+    return [sys.executable, "-m", "syncer", "--settings", str(settings), *args]
+
+
+def cli_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """os.environ plus ``env``, with the repo root on PYTHONPATH (syncer is not installed)."""
+    merged = {**os.environ, **(env or {})}
+    merged["PYTHONPATH"] = os.pathsep.join(
+        part for part in (str(REPO_ROOT), merged.get("PYTHONPATH", "")) if part
+    )
+    merged.setdefault("PYTHONUNBUFFERED", "1")
+    return merged
+
+
+def run_cli(
+    *args: str,
+    settings: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    check: bool | int | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m syncer --settings SETTINGS *args`` in the settings' folder.
+
+    ``check``: None accepts any exit code, True requires 0, an int requires that code; a mismatch
+    raises AssertionError showing stdout and stderr.
+    """
+    result = subprocess.run(
+        cli_command(*args, settings=settings),
+        cwd=settings.parent,
+        env=cli_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        check=False,
+    )
+    if check is not None and check is not False:
+        expected = 0 if check is True else int(check)
+        if result.returncode != expected:
+            raise AssertionError(
+                f"syncer {' '.join(args)} exited {result.returncode}, expected {expected}\n"
+                f"--- stdout\n{result.stdout}--- stderr\n{result.stderr}"
+            )
+    return result
+
+
+_cli_serial = itertools.count()
+
+
+class CliProcess(subprocess.Popen[str]):
+    """A background ``syncer`` process; stdout/stderr go to files (no pipe can fill up).
+
+    As a context manager it stops the process on exit (SIGTERM, then SIGKILL after 30 s).
+    """
+
+    stdout_path: Path
+    stderr_path: Path
+
+    def read_stdout(self) -> str:
+        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    def read_stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send ``sig`` (if still running) and wait; SIGKILL if it does not exit in time."""
+        if self.poll() is None:
+            self.send_signal(sig)
+            try:
+                return self.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.wait()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        super().__exit__(exc_type, exc, tb)
+
+
+def start_cli(
+    *args: str,
+    settings: Path,
+    env: Mapping[str, str] | None = None,
+    **popen_kwargs: Any,
+) -> CliProcess:
+    """Start ``python -m syncer --settings SETTINGS *args`` in the background (settings' folder).
+
+    Output goes to ``cli-N.out`` / ``cli-N.err`` next to the settings; read it with
+    ``read_stdout()`` / ``read_stderr()``. Use as a context manager, or call ``stop()``/``kill()``
+    and ``wait()`` yourself.
+    """
+    serial = next(_cli_serial)
+    stdout_path = settings.parent / f"cli-{serial}.out"
+    stderr_path = settings.parent / f"cli-{serial}.err"
+    with stdout_path.open("w") as out, stderr_path.open("w") as err:
+        process = CliProcess(
+            cli_command(*args, settings=settings),
+            cwd=settings.parent,
+            env=cli_env(env),
+            stdout=out,
+            stderr=err,
+            text=True,
+            **popen_kwargs,
+        )
+    process.stdout_path = stdout_path
+    process.stderr_path = stderr_path
+    return process
