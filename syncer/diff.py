@@ -109,8 +109,16 @@ def _stage_in_place(conn: Connection, source: Source, sql: str) -> Staged:
     """Source and state are one database: ``INSERT … SELECT``, no round trip through Python."""
     try:
         with conn.begin():
+            if conn.dialect.name == "postgresql":
+                timeout_ms = int(source.settings.query_timeout_seconds * 1000)
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout_ms}")
             query = member_query(sql, id_column(conn, sql))
-            conn.execute(insert(STAGED).from_select(["user_id"], query.members.distinct()))
+            if conn.dialect.name in ("mysql", "mariadb"):
+                # DISTINCT would follow the source column's collation (often case-blind).
+                load = insert(STAGED).prefix_with("IGNORE").from_select(["user_id"], query.members)
+            else:
+                load = insert(STAGED).from_select(["user_id"], query.members.distinct())
+            conn.execute(load)
             skipped = conn.execute(
                 select(func.count()).select_from(query.rows).where(~query.valid)
             ).scalar_one()

@@ -97,16 +97,22 @@ def read_only(conn: Connection, timeout_seconds: float) -> Iterator[Connection]:
         return
     if dialect in ("mysql", "mariadb"):
         conn.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
+        conn.commit()
+        try:
+            with conn.begin() as tx:
+                conn.exec_driver_sql(f"SET SESSION max_statement_time = {timeout_seconds:.3f}")
+                yield conn
+                tx.rollback()
+        finally:
+            conn.exec_driver_sql("SET SESSION TRANSACTION READ WRITE")
+            conn.commit()
+        return
     with conn.begin() as tx:
         if dialect == "postgresql":
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout_seconds * 1000)}")
-        elif dialect in ("mysql", "mariadb"):
-            conn.exec_driver_sql(f"SET SESSION max_statement_time = {timeout_seconds:.3f}")
         yield conn
         tx.rollback()
-    if dialect in ("mysql", "mariadb"):
-        conn.exec_driver_sql("SET SESSION TRANSACTION READ WRITE")
 
 
 def id_column(conn: Connection, sql: str) -> str:
