@@ -16,7 +16,14 @@ from sqlalchemy.exc import IntegrityError
 
 from syncer.db import write_transaction
 from syncer.errors import AudienceError, ConfigError
-from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_DELETED, AUDIENCE_PAUSED, AUDIENCES, Audience
+from syncer.models import (
+    AUDIENCE_ACTIVE,
+    AUDIENCE_DELETED,
+    AUDIENCE_PAUSED,
+    AUDIENCES,
+    KEY_LENGTH,
+    Audience,
+)
 from syncer.settings import (
     DEFAULT_SOURCE,
     Settings,
@@ -100,6 +107,11 @@ def _validated_name(name: str) -> tuple[str, str]:
     if len(cleaned) > MAX_NAME_LENGTH:
         raise AudienceError(f"the audience name is longer than {MAX_NAME_LENGTH} characters")
     key = audience_key(cleaned)
+    if len(key) > KEY_LENGTH:
+        raise AudienceError(
+            f"the key made from this name would be {len(key)} characters, over {KEY_LENGTH}; "
+            "choose a shorter name"
+        )
     if not key:
         raise AudienceError(
             f"the audience name {name!r} has no letters or digits to make a key from"

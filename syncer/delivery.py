@@ -212,7 +212,7 @@ def _read_page(
 
 def backoff_seconds(attempt: int, tray: TraySettings, retry_after: float | None) -> float:
     """Full-jitter exponential backoff; a server's Retry-After is a floor."""
-    ceiling = min(tray.backoff_max_seconds, tray.backoff_base_seconds * 2 ** (attempt - 1))
+    ceiling = min(tray.backoff_max_seconds, tray.backoff_base_seconds * 2 ** min(attempt - 1, 32))
     delay = random.uniform(0, ceiling)
     if retry_after is not None:
         delay = max(delay, retry_after)

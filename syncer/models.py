@@ -29,6 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
 USER_ID_LENGTH = 255
+KEY_LENGTH = 255
 URL_LENGTH = 700
 
 # Status values, as stored.
@@ -109,7 +110,7 @@ class Audience(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    key: Mapped[str] = mapped_column(exact_string(255), unique=True)
+    key: Mapped[str] = mapped_column(exact_string(KEY_LENGTH), unique=True)
     name: Mapped[str] = mapped_column(String(255))
     source_name: Mapped[str] = mapped_column(String(100))
     definition_sql: Mapped[str] = mapped_column(Text)

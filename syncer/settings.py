@@ -6,6 +6,7 @@ expanded here, and secrets are wrapped in :class:`Secret` whose repr hides them.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -354,7 +355,12 @@ def _secret(value: Any, what: str) -> Secret | None:
 
 
 def _positive_number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ConfigError(f"{what} must be a positive number, got {value!r}")
     return float(value)
 
