@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any, NoReturn, TextIO
 
 from sqlalchemy import Engine
@@ -219,7 +221,7 @@ def _sync(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
         progress_for=(lambda key: ProgressBar(key, sys.stdout)) if show_progress else None,
     )
     if args.json:
-        _print_json([r.__dict__ for r in results])
+        _print_json([asdict(r) for r in results])
     else:
         for r in results:
             print(_describe(r))
@@ -260,17 +262,23 @@ def _print_json(data: Any) -> None:
 
 
 class ProgressBar:
-    """A one-line progress bar for a terminal."""
+    """A one-line progress bar of deliveries, for a terminal."""
 
     WIDTH = 30
 
     def __init__(self, label: str, out: TextIO) -> None:
         self.label = label
         self.out = out
+        self.started = time.monotonic()
+        self.finished = False
 
     def __call__(self, done: int, total: int) -> None:
+        if self.finished:
+            return
         filled = self.WIDTH * done // total if total else self.WIDTH
         bar = "#" * filled + "." * (self.WIDTH - filled)
-        end = "\n" if done >= total else ""
-        self.out.write(f"\r{self.label} [{bar}] {done}/{total}{end}")
+        rate = done / max(time.monotonic() - self.started, 1e-6)
+        self.finished = done >= total
+        end = "\n" if self.finished else ""
+        self.out.write(f"\r{self.label} [{bar}] {done}/{total} calls, {rate:.0f}/s{end}")
         self.out.flush()
