@@ -21,8 +21,10 @@ from sqlalchemy import (
     Column,
     Connection,
     MetaData,
+    Select,
     Table,
     and_,
+    delete,
     exists,
     false,
     func,
@@ -36,7 +38,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from syncer.models import (
     DELIVERIES,
+    DELIVERY_CANCELLED,
     DELIVERY_PENDING,
+    DELIVERY_SENT,
     DELIVERY_SUPERSEDED,
     KIND_IDENTIFY,
     MEMBERSHIPS,
@@ -45,7 +49,7 @@ from syncer.models import (
     SyncRun,
     exact_string,
 )
-from syncer.sources import Source, id_column, member_query, read_only, run_error
+from syncer.sources import Source, id_column, is_valid_id, member_query, read_only, run_error
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +112,7 @@ def stage(conn: Connection, source: Source, sql: str) -> Staged:
 def _stage_in_place(conn: Connection, source: Source, sql: str) -> Staged:
     """Source and state are one database: ``INSERT … SELECT``, no round trip through Python."""
     try:
-        with conn.begin():
-            if conn.dialect.name == "postgresql":
-                timeout_ms = int(source.settings.query_timeout_seconds * 1000)
-                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout_ms}")
+        with read_only(conn, source.settings.query_timeout_seconds, commit=True):
             query = member_query(sql, id_column(conn, sql))
             if conn.dialect.name in ("mysql", "mariadb"):
                 # DISTINCT would follow the source column's collation (often case-blind).
@@ -140,8 +141,7 @@ def _stage_streamed(conn: Connection, source: Source, sql: str) -> Staged:
             for batch in result.partitions(STREAM_BATCH):
                 ids = []
                 for (value,) in batch:
-                    user_id = None if value is None else str(value)
-                    if user_id is None or not user_id.strip() or len(user_id) > USER_ID_LENGTH:
+                    if value is None or not is_valid_id(user_id := str(value)):
                         skipped += 1
                         continue
                     ids.append(user_id)
@@ -267,6 +267,9 @@ def commit_snapshot(
         )
         existing = [d for d in destination_ids if d in known]
         new = [d for d in destination_ids if d not in known]
+        dropped = sorted(known - set(destination_ids))
+        if dropped:
+            _forget_destinations(conn, audience_id, dropped)
 
         left = select(CHANGES.c.user_id).where(CHANGES.c.entered == false())
         conn.execute(
@@ -307,16 +310,20 @@ def commit_snapshot(
                 now=now,
             )
         for destination_id in new:
-            queued += _enqueue(
-                conn,
+            for backfill in (
                 select(M.c.user_id, true()).where(
                     M.c.audience_id == audience_id, M.c.exited_run_id.is_(None)
                 ),
-                audience_id=audience_id,
-                run_id=run_id,
-                destination_id=destination_id,
-                now=now,
-            )
+                _stale_members(audience_id, destination_id),
+            ):
+                queued += _enqueue(
+                    conn,
+                    backfill,
+                    audience_id=audience_id,
+                    run_id=run_id,
+                    destination_id=destination_id,
+                    now=now,
+                )
             conn.execute(
                 insert(AudienceDestination).values(
                     audience_id=audience_id, destination_id=destination_id, since_run_id=run_id
@@ -335,6 +342,50 @@ def commit_snapshot(
         )
     conn.execution_options(sqlite_begin="")
     return Outbox(queued=queued, backfilled_destinations=tuple(new))
+
+
+def _forget_destinations(conn: Connection, audience_id: int, dropped: list[int]) -> None:
+    """URLs no longer in settings: what they were owed is cancelled, and should one come back
+    it is given the audience anew (a backfill), as any new URL is."""
+    conn.execute(
+        update(D)
+        .where(
+            D.c.status == DELIVERY_PENDING,
+            D.c.audience_id == audience_id,
+            D.c.destination_id.in_(dropped),
+        )
+        .values(status=DELIVERY_CANCELLED)
+    )
+    conn.execute(
+        delete(AudienceDestination).where(
+            AudienceDestination.audience_id == audience_id,
+            AudienceDestination.destination_id.in_(dropped),
+        )
+    )
+
+
+def _stale_members(audience_id: int, destination_id: int) -> Select[tuple[str, bool]]:
+    """Users a returning URL was last told were members and who have left since: false."""
+    last_sent = (
+        select(func.max(D.c.id).label("id"))
+        .where(
+            D.c.status == DELIVERY_SENT,
+            D.c.audience_id == audience_id,
+            D.c.destination_id == destination_id,
+        )
+        .group_by(D.c.user_id)
+        .subquery()
+    )
+    is_member = exists().where(
+        M.c.audience_id == audience_id,
+        M.c.user_id == D.c.user_id,
+        M.c.exited_run_id.is_(None),
+    )
+    return (
+        select(D.c.user_id, false())
+        .select_from(D.join(last_sent, D.c.id == last_sent.c.id))
+        .where(D.c.trait_value == true(), ~is_member)
+    )
 
 
 def _has_pending(conn: Connection, audience_id: int) -> bool:

@@ -42,11 +42,12 @@ RUN_RUNNING, RUN_SUCCEEDED, RUN_PARTIAL, RUN_FAILED, RUN_INTERRUPTED = (
     "interrupted",
 )
 RUN_INITIAL, RUN_INCREMENTAL = "initial", "incremental"
-DELIVERY_PENDING, DELIVERY_SENT, DELIVERY_FAILED, DELIVERY_SUPERSEDED = (
+DELIVERY_PENDING, DELIVERY_SENT, DELIVERY_FAILED, DELIVERY_SUPERSEDED, DELIVERY_CANCELLED = (
     "pending",
     "sent",
     "failed",
     "superseded",
+    "cancelled",
 )
 KIND_IDENTIFY, KIND_DELETE = "identify", "delete"
 
@@ -197,7 +198,9 @@ class Delivery(Base):
     __tablename__ = "deliveries"
     __table_args__ = (
         CheckConstraint("kind IN ('identify', 'delete')", name="kind"),
-        CheckConstraint("status IN ('pending', 'sent', 'failed', 'superseded')", name="status"),
+        CheckConstraint(
+            "status IN ('pending', 'sent', 'failed', 'superseded', 'cancelled')", name="status"
+        ),
         Index(None, "status", "audience_id", "destination_id", "id"),
         Index(None, "audience_id", "user_id"),
         Index(None, "run_id", "status"),

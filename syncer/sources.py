@@ -20,8 +20,8 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
-    String,
     Subquery,
+    Text,
     and_,
     cast,
     column,
@@ -80,8 +80,15 @@ def normalize_sql(sql: str) -> str:
 
 
 @contextmanager
-def read_only(conn: Connection, timeout_seconds: float) -> Iterator[Connection]:
-    """Run the block in a read-only transaction with a statement timeout, then roll back."""
+def read_only(
+    conn: Connection, timeout_seconds: float, *, commit: bool = False
+) -> Iterator[Connection]:
+    """Run the block in a read-only transaction with a statement timeout.
+
+    The transaction is rolled back, or committed with ``commit=True``: read-only transactions
+    may still fill temporary tables (PostgreSQL and MySQL allow it), which is how a run stages
+    ids when the source is the state database itself.
+    """
     dialect = conn.dialect.name
     if dialect == "sqlite":
         raw = conn.connection.dbapi_connection
@@ -89,9 +96,8 @@ def read_only(conn: Connection, timeout_seconds: float) -> Iterator[Connection]:
         deadline = time.monotonic() + timeout_seconds
         raw.set_progress_handler(lambda: int(time.monotonic() > deadline), _SQLITE_PROGRESS_STEPS)
         try:
-            with conn.begin() as tx:
+            with _transaction(conn, commit):
                 yield conn
-                tx.rollback()
         finally:
             raw.set_progress_handler(None, 0)
         return
@@ -99,20 +105,27 @@ def read_only(conn: Connection, timeout_seconds: float) -> Iterator[Connection]:
         conn.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
         conn.commit()
         try:
-            with conn.begin() as tx:
+            with _transaction(conn, commit):
                 conn.exec_driver_sql(f"SET SESSION max_statement_time = {timeout_seconds:.3f}")
                 yield conn
-                tx.rollback()
         finally:
+            conn.exec_driver_sql("SET SESSION max_statement_time = 0")
             conn.exec_driver_sql("SET SESSION TRANSACTION READ WRITE")
             conn.commit()
         return
-    with conn.begin() as tx:
+    with _transaction(conn, commit):
         if dialect == "postgresql":
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout_seconds * 1000)}")
         yield conn
-        tx.rollback()
+
+
+@contextmanager
+def _transaction(conn: Connection, commit: bool) -> Iterator[None]:
+    with conn.begin() as tx:
+        yield
+        if not commit:
+            tx.rollback()
 
 
 def id_column(conn: Connection, sql: str) -> str:
@@ -142,12 +155,17 @@ class MemberQuery:
 
 
 def member_query(sql: str, id_name: str) -> MemberQuery:
-    """The user ids of a definition as text; NULL, blank and over-long ids are not valid."""
+    """The user ids of a definition as text; NULL, blank and over-long ids are not valid.
+
+    Blank means nothing but spaces, tabs and line breaks (see ``is_valid_id``, its twin for ids
+    streamed through Python).
+    """
     rows = text(sql).columns(column(id_name)).subquery("audience_query")
-    user_id = cast(rows.c[id_name], String(USER_ID_LENGTH))
+    user_id = cast(rows.c[id_name], Text)
+    spaced = func.replace(func.replace(func.replace(user_id, "\t", " "), "\n", " "), "\r", " ")
     valid = and_(
         rows.c[id_name].is_not(None),
-        func.trim(user_id) != "",
+        func.trim(spaced) != "",
         func.length(user_id) <= USER_ID_LENGTH,
     )
     return MemberQuery(
@@ -156,6 +174,14 @@ def member_query(sql: str, id_name: str) -> MemberQuery:
         valid=valid,
         members=select(user_id.label(USER_ID_COLUMN)).where(valid),
     )
+
+
+BLANK_CHARACTERS = " \t\r\n"
+
+
+def is_valid_id(user_id: str) -> bool:
+    """The Python side of ``member_query``'s ``valid``, for ids streamed from another database."""
+    return bool(user_id.strip(BLANK_CHARACTERS)) and len(user_id) <= USER_ID_LENGTH
 
 
 def check_definition(source: Source, sql: str) -> str:

@@ -34,7 +34,7 @@ from syncer.delivery import (
     deliver_audience,
     register_destinations,
 )
-from syncer.errors import ConfigError, LeaseHeldError, SourceError
+from syncer.errors import ConfigError, LeaseHeldError, SourceError, UsageError
 from syncer.models import (
     AUDIENCE_ACTIVE,
     RUN_FAILED,
@@ -146,7 +146,9 @@ def _run_leased(
                 progress=progress,
             )
         )
-    except SourceError as exc:
+    except (SourceError, UsageError) as exc:
+        # The definition no longer runs on its source (a table dropped, a column added):
+        # this audience's run fails, the others go on.
         finish_run(state, run_id, RUN_FAILED, error=str(exc))
         return RunResult(
             run_id=run_id,
@@ -163,7 +165,8 @@ def _run_leased(
         status = RUN_SUCCEEDED
     else:
         status = RUN_PARTIAL if totals.sent else RUN_FAILED
-    finish_run(state, run_id, status, error=_delivery_error(totals))
+    error = _delivery_error(totals)
+    finish_run(state, run_id, status, error=error)
     return RunResult(
         run_id=run_id,
         audience_key=audience.key,
@@ -176,6 +179,7 @@ def _run_leased(
         sent=totals.sent,
         failed=totals.not_delivered,
         seconds=time.monotonic() - started,
+        error=error,
     )
 
 

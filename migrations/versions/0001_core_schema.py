@@ -148,7 +148,7 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.CheckConstraint("kind IN ('identify', 'delete')", name=op.f("ck_deliveries_kind")),
         sa.CheckConstraint(
-            "status IN ('pending', 'sent', 'failed', 'superseded')",
+            "status IN ('pending', 'sent', 'failed', 'superseded', 'cancelled')",
             name=op.f("ck_deliveries_status"),
         ),
         sa.ForeignKeyConstraint(
