@@ -183,6 +183,16 @@ def get(state: Engine, key: str, *, include_deleted: bool = False) -> AudienceVi
     return AudienceView.of(row)
 
 
+def get_by_id(state: Engine, audience_id: int) -> AudienceView:
+    with state.connect() as conn:
+        row = (
+            conn.execute(select(AUDIENCES).where(AUDIENCES.c.id == audience_id)).mappings().first()
+        )
+    if row is None or row["status"] == AUDIENCE_DELETED:
+        raise AudienceError(f"no audience with id {audience_id}")
+    return AudienceView.of(row)
+
+
 def list_all(state: Engine, *, include_deleted: bool = False) -> list[AudienceView]:
     query = select(AUDIENCES).order_by(AUDIENCES.c.key)
     if not include_deleted:

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TextIO
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from syncer import __version__, audiences, db, history
+from syncer import __version__, audiences, db, history, logs
 from syncer.errors import SyncerError, UsageError
 from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_DELETED, AUDIENCE_PAUSED
 from syncer.settings import Settings, load_settings
@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--settings", metavar="PATH", help="settings file (default: ./settings.toml)"
     )
     parser.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info for serve, warning otherwise",
     )
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     db_cmd = commands.add_parser("db", help="state database schema")
@@ -77,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     sync = commands.add_parser("sync", help="run audiences now, in the foreground")
     sync.add_argument("keys", nargs="*", metavar="KEY", help="default: every active audience")
     sync.add_argument("--json", action="store_true", help="print the results as JSON")
+    sync.add_argument(
+        "--wait", action="store_true", help="wait for a run in progress elsewhere, then run"
+    )
+
+    commands.add_parser(
+        "serve", help="the scheduler: runs every active audience on its schedule until stopped"
+    )
 
     hist = commands.add_parser("history", help="sync runs, newest first")
     hist.add_argument("key", nargs="?")
@@ -97,14 +107,9 @@ def _schedule_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    logs.configure(
+        args.log_level or ("info" if args.command == "serve" else "warning"), args.log_format
     )
-    # Request lines name workflow URLs, which are credentials of a kind: never log them.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.root.level))
     try:
         return _dispatch(args)
     except UsageError as exc:
@@ -140,7 +145,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     state = db.open_state(settings.database.url)
     try:
         db.check_schema(state)
-        handler = {"audience": _audience, "sync": _sync, "history": _history}[args.command]
+        handler = {
+            "audience": _audience,
+            "sync": _sync,
+            "history": _history,
+            "serve": _serve,
+        }[args.command]
         return handler(args, state, settings)
     finally:
         state.dispose()
@@ -219,6 +229,7 @@ def _sync(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
         settings,
         args.keys,
         progress_for=(lambda key: ProgressBar(key, sys.stdout)) if show_progress else None,
+        wait=args.wait,
     )
     if args.json:
         _print_json([asdict(r) for r in results])
@@ -245,6 +256,14 @@ def _describe(r: RunResult) -> str:
     if r.error:
         text += f"\n  {r.error}"
     return text
+
+
+def _serve(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    del args
+    settings.tray.require_urls()
+    from syncer.scheduler import serve
+
+    return serve(settings, state)
 
 
 def _history(args: argparse.Namespace, state: Engine, settings: Settings) -> int:

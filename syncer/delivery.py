@@ -12,17 +12,19 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, exists, func, insert, select, update
 
 from syncer.db import write_transaction
 from syncer.errors import DeliveryError, PermanentDeliveryError
 from syncer.models import (
+    AUDIENCES,
     DELIVERIES,
     DELIVERY_FAILED,
     DELIVERY_PENDING,
@@ -35,6 +37,7 @@ from syncer.tray import TrayClient, identify_body, identify_message_id
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 2_000
+BREAKER_MIN_FAILURES = 8
 FLUSH_EVERY_SECONDS = 0.25
 FLUSH_EVERY_OUTCOMES = 2_000
 UPDATE_CHUNK = 500
@@ -90,6 +93,8 @@ class Outcome:
 
 @dataclass(kw_only=True)
 class DeliveryTotals:
+    """A pass's outcome: sent, failed for good, and what is still owed afterwards."""
+
     sent: int = 0
     failed: int = 0
     retry_later: int = 0
@@ -123,8 +128,6 @@ class _Recorder:
             self.totals.sent += 1
         elif outcome.status == DELIVERY_FAILED:
             self.totals.failed += 1
-        else:
-            self.totals.retry_later += 1
 
     def take(self) -> list[Outcome]:
         taken, self.outcomes = self.outcomes, []
@@ -168,36 +171,77 @@ class _Recorder:
                     )
 
 
-def count_pending(engine: Engine, audience_id: int, destination_ids: Sequence[int]) -> int:
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                select(func.count())
-                .select_from(D)
-                .where(
-                    D.c.status == DELIVERY_PENDING,
-                    D.c.audience_id == audience_id,
-                    D.c.destination_id.in_(destination_ids),
-                )
-            ).scalar_one()
+def count_pending(
+    engine: Engine, audience_id: int, destination_ids: Sequence[int], due: datetime | None
+) -> int:
+    query = (
+        select(func.count())
+        .select_from(D)
+        .where(
+            D.c.status == DELIVERY_PENDING,
+            D.c.audience_id == audience_id,
+            D.c.destination_id.in_(destination_ids),
         )
+    )
+    if due is not None:
+        query = query.where(D.c.next_attempt_at <= due)
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+@dataclass(kw_only=True)
+class _Breaker:
+    """Opens after ``threshold`` deliveries in a row to one URL ended still owed."""
+
+    threshold: int
+    streak: int = 0
+    open: bool = False
+
+    def record(self, outcome: Outcome) -> bool:
+        """Count an outcome; True the moment the breaker opens."""
+        self.streak = self.streak + 1 if outcome.status == DELIVERY_PENDING else 0
+        if not self.open and self.streak >= self.threshold:
+            self.open = True
+            return True
+        return False
+
+
+def audiences_owed(engine: Engine, destination_ids: Sequence[int]) -> list[Audience]:
+    """Audiences with deliveries whose retry time has come (for the background retry)."""
+    query = (
+        select(AUDIENCES.c.id, AUDIENCES.c.key)
+        .where(
+            exists().where(
+                D.c.status == DELIVERY_PENDING,
+                D.c.audience_id == AUDIENCES.c.id,
+                D.c.destination_id.in_(destination_ids),
+                D.c.next_attempt_at <= datetime.now(UTC),
+            )
+        )
+        .order_by(AUDIENCES.c.id)
+    )
+    with engine.connect() as conn:
+        return [Audience(id=row.id, key=row.key) for row in conn.execute(query).all()]
 
 
 def _read_page(
-    engine: Engine, audience_id: int, destination_id: int, after_id: int
+    engine: Engine, audience_id: int, destination_id: int, after_id: int, due: datetime | None
 ) -> list[_Pending]:
+    query = (
+        select(D.c.id, D.c.run_id, D.c.user_id, D.c.trait_value, D.c.created_at)
+        .where(
+            D.c.status == DELIVERY_PENDING,
+            D.c.audience_id == audience_id,
+            D.c.destination_id == destination_id,
+            D.c.id > after_id,
+        )
+        .order_by(D.c.id)
+        .limit(PAGE_SIZE)
+    )
+    if due is not None:
+        query = query.where(D.c.next_attempt_at <= due)
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(D.c.id, D.c.run_id, D.c.user_id, D.c.trait_value, D.c.created_at)
-            .where(
-                D.c.status == DELIVERY_PENDING,
-                D.c.audience_id == audience_id,
-                D.c.destination_id == destination_id,
-                D.c.id > after_id,
-            )
-            .order_by(D.c.id)
-            .limit(PAGE_SIZE)
-        ).all()
+        rows = conn.execute(query).all()
     return [
         _Pending(
             id=r.id,
@@ -266,11 +310,20 @@ async def deliver_audience(
     tray: TraySettings,
     *,
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    due_only: bool = False,
 ) -> DeliveryTotals:
-    """Send every pending identify of this audience to each configured URL."""
+    """Send the pending identifies of this audience to each configured URL.
+
+    ``due_only`` sends only rows whose backoff has passed (the background retry); a run sends
+    everything owed. When ``stop`` is set (shutdown), no new call starts: what was not sent
+    stays pending. A URL that keeps failing is left alone for the rest of this pass.
+    """
     if not targets:
         return DeliveryTotals()
-    total = await asyncio.to_thread(count_pending, engine, audience.id, [t.id for t in targets])
+    target_ids = [t.id for t in targets]
+    due = datetime.now(UTC) if due_only else None
+    total = await asyncio.to_thread(count_pending, engine, audience.id, target_ids, due)
     recorder = _Recorder(engine=engine, retry_after=timedelta(seconds=tray.backoff_max_seconds))
     if total == 0:
         return recorder.totals
@@ -288,11 +341,17 @@ async def deliver_audience(
 
     async def pipeline(client: TrayClient, target: Target) -> None:
         queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=PAGE_SIZE)
+        breaker = _Breaker(threshold=max(BREAKER_MIN_FAILURES, tray.max_concurrency))
+
+        def halted() -> bool:
+            return breaker.open or (stop is not None and stop.is_set())
 
         async def reader() -> None:
             after = 0
-            while page := await asyncio.to_thread(
-                _read_page, engine, audience.id, target.id, after
+            while not halted() and (
+                page := await asyncio.to_thread(
+                    _read_page, engine, audience.id, target.id, after, due
+                )
             ):
                 for row in page:
                     await queue.put(row)
@@ -302,6 +361,8 @@ async def deliver_audience(
 
         async def sender() -> None:
             while (row := await queue.get()) is not None:
+                if halted():
+                    continue  # stays pending: owed to the next pass
                 body = identify_body(
                     user_id=row.user_id,
                     audience_key=audience.key,
@@ -310,7 +371,16 @@ async def deliver_audience(
                     message_id=identify_message_id(audience.id, row.run_id, row.user_id),
                     timestamp=row.created_at,
                 )
-                recorder.add(await _send_with_retries(client, target.url, body, tray, row.id))
+                outcome = await _send_with_retries(client, target.url, body, tray, row.id)
+                recorder.add(outcome)
+                if breaker.record(outcome):
+                    logger.warning(
+                        "audience %s: workflow URL %d keeps failing (%s); what it is owed "
+                        "waits for the next pass",
+                        audience.key,
+                        target.id,
+                        outcome.error,
+                    )
                 if len(recorder.outcomes) >= FLUSH_EVERY_OUTCOMES:
                     await asyncio.to_thread(recorder.write, recorder.take())
 
@@ -334,6 +404,9 @@ async def deliver_audience(
         audience.key,
         recorder.done,
         time.monotonic() - started,
+    )
+    recorder.totals.retry_later = await asyncio.to_thread(
+        count_pending, engine, audience.id, target_ids, None
     )
     if progress:
         progress(recorder.done, total)

@@ -1,9 +1,14 @@
-"""Per-audience leases: no two runs of one audience at once, across processes and hosts.
+"""Leases: the database, not the scheduler, prevents double work across processes and hosts.
 
-A lease is a row in ``sync_leases`` (primary key: the audience), so the database, not the
-scheduler, prevents double work. The holder renews it while it runs. Another process may take
-it over when it has expired, or at once when the holder is a dead process on this same host
-(its PID is gone, or now belongs to a process started at another time).
+Two kinds, one mechanism:
+
+- an audience's lease (a row in ``sync_leases``): no two runs of one audience at once;
+- the scheduler's leadership (a row in ``service_leases``): exactly one ``syncer serve``
+  schedules, the others stand by.
+
+The holder renews its row while it works. Another process may take a lease over when it has
+expired, or at once when the holder is a dead process on this same host (its PID is gone, a
+zombie, or now belongs to a process started at another time).
 """
 
 from __future__ import annotations
@@ -15,25 +20,34 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Column, Engine, Row, Table, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from syncer.db import write_transaction
 from syncer.errors import LeaseHeldError
-from syncer.models import RUN_INTERRUPTED, RUN_RUNNING, SyncLease, SyncRun
+from syncer.models import RUN_INTERRUPTED, RUN_RUNNING, SERVICE_LEASES, SYNC_LEASES, SyncRun
 
 logger = logging.getLogger(__name__)
 
-LEASE_TTL = timedelta(seconds=60)
-RENEW_EVERY_SECONDS = 10.0
+AUDIENCE_LEASE_TTL = timedelta(seconds=60)
+AUDIENCE_RENEW_SECONDS = 10.0
+LEADER_LEASE_TTL = timedelta(seconds=20)
+LEADER_RENEW_SECONDS = 5.0
+SCHEDULER_LEASE = "scheduler"
 HOST = socket.gethostname()[:255]
+INTERRUPTED_ERROR = "the process running it stopped before it finished"
 
 
 def process_start_ticks(pid: int) -> int | None:
-    """When a process started (clock ticks since boot), to tell a reused PID apart."""
+    """When a process started (clock ticks since boot), to tell a reused PID apart.
+
+    -1 for a zombie (dead, not yet reaped); None where /proc cannot tell.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -57,113 +71,148 @@ def process_alive(pid: int, started: int | None) -> bool:
     return started is None or now_started is None or now_started == started
 
 
-MY_PID = os.getpid()
-MY_START = process_start_ticks(MY_PID)
+@dataclass(frozen=True, kw_only=True)
+class _Kind:
+    table: Table
+    key: Column[Any]
+    ttl: timedelta
+    renew_seconds: float
+
+
+AUDIENCE = _Kind(
+    table=SYNC_LEASES,
+    key=SYNC_LEASES.c.audience_id,
+    ttl=AUDIENCE_LEASE_TTL,
+    renew_seconds=AUDIENCE_RENEW_SECONDS,
+)
+LEADER = _Kind(
+    table=SERVICE_LEASES,
+    key=SERVICE_LEASES.c.name,
+    ttl=LEADER_LEASE_TTL,
+    renew_seconds=LEADER_RENEW_SECONDS,
+)
+
+
+def is_stale(row: Row[Any], now: datetime) -> bool:
+    """A lease whose holder can no longer be working: expired, or dead on this host."""
+    if row.expires_at <= now:
+        return True
+    return row.holder_host == HOST and not process_alive(row.holder_pid, row.holder_started)
 
 
 class Lease:
     """A held lease; renews itself in a background thread until released."""
 
-    def __init__(self, engine: Engine, audience_id: int, token: str) -> None:
+    def __init__(self, engine: Engine, kind: _Kind, key: object, token: str) -> None:
         self.engine = engine
-        self.audience_id = audience_id
+        self.kind = kind
+        self.key = key
         self.token = token
+        self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._renew_loop, name=f"lease-{audience_id}", daemon=True
-        )
-        self.lost = False
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{key}", daemon=True)
+        self._thread.start()
+
+    def _mine(self) -> Any:
+        return (self.kind.key == self.key) & (self.kind.table.c.token == self.token)
 
     def _renew_loop(self) -> None:
-        while not self._stop.wait(RENEW_EVERY_SECONDS):
+        while not self._stop.wait(self.kind.renew_seconds):
             try:
                 with write_transaction(self.engine) as conn:
                     renewed = conn.execute(
-                        update(SyncLease)
-                        .where(
-                            SyncLease.audience_id == self.audience_id,
-                            SyncLease.token == self.token,
-                        )
-                        .values(expires_at=datetime.now(UTC) + LEASE_TTL)
+                        update(self.kind.table)
+                        .where(self._mine())
+                        .values(expires_at=datetime.now(UTC) + self.kind.ttl)
                     ).rowcount
-                if not renewed:
-                    self.lost = True
-                    logger.error("lost the lease of audience %s", self.audience_id)
-                    return
-            except Exception:
-                logger.warning("could not renew the lease of audience %s", self.audience_id)
+            except Exception as exc:
+                logger.warning("could not renew the lease on %s: %s", self.key, exc)
+                continue
+            if not renewed:
+                logger.error("lost the lease on %s to another process", self.key)
+                self.lost.set()
+                return
 
     def release(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
         with write_transaction(self.engine) as conn:
-            conn.execute(
-                delete(SyncLease).where(
-                    SyncLease.audience_id == self.audience_id, SyncLease.token == self.token
-                )
-            )
+            conn.execute(delete(self.kind.table).where(self._mine()))
 
 
-def _stale(row: SyncLease, now: datetime) -> bool:
-    if row.expires_at <= now:
-        return True
-    return row.holder_host == HOST and not process_alive(row.holder_pid, row.holder_started)
-
-
-def acquire(engine: Engine, audience_id: int, audience_key: str) -> Lease:
-    """Take the audience's lease or raise LeaseHeldError. Closes runs a dead holder left."""
+def _take(kind: _Kind, engine: Engine, key: object, *, on_takeover: Any = None) -> Lease | Row[Any]:
+    """Take the lease, or return the live holder's row."""
     token = secrets.token_hex(16)
     now = datetime.now(UTC)
+    pid = os.getpid()
     mine = {
         "token": token,
         "holder_host": HOST,
-        "holder_pid": MY_PID,
-        "holder_started": MY_START,
+        "holder_pid": pid,
+        "holder_started": process_start_ticks(pid),
         "acquired_at": now,
-        "expires_at": now + LEASE_TTL,
+        "expires_at": now + kind.ttl,
     }
     try:
         with write_transaction(engine) as conn:
-            row = conn.execute(
-                select(SyncLease).where(SyncLease.audience_id == audience_id).with_for_update()
-            ).first()
+            row = conn.execute(select(kind.table).where(kind.key == key).with_for_update()).first()
             if row is None:
-                conn.execute(insert(SyncLease).values(audience_id=audience_id, **mine))
-            elif _stale(SyncLease(**row._mapping), now):
+                conn.execute(insert(kind.table).values({kind.key.name: key, **mine}))
+            elif is_stale(row, now):
                 logger.warning(
-                    "audience %s: taking over the lease of dead or expired holder %s pid %s",
-                    audience_key,
+                    "taking over the lease on %s from dead or expired holder %s pid %s",
+                    key,
                     row.holder_host,
                     row.holder_pid,
                 )
                 conn.execute(
-                    update(SyncLease)
-                    .where(SyncLease.audience_id == audience_id, SyncLease.token == row.token)
-                    .values(**mine)
+                    update(kind.table)
+                    .where(kind.key == key, kind.table.c.token == row.token)
+                    .values(mine)
                 )
             else:
-                raise LeaseHeldError(
-                    f"audience {audience_key!r} is being synced right now by "
-                    f"{row.holder_host} pid {row.holder_pid}; try again when it finishes"
-                )
-            # Whoever held this audience before us is gone: close the runs it left open.
-            conn.execute(
-                update(SyncRun)
-                .where(SyncRun.audience_id == audience_id, SyncRun.status == RUN_RUNNING)
-                .values(
-                    status=RUN_INTERRUPTED,
-                    finished_at=now,
-                    error="the process running it stopped before it finished",
-                )
-            )
+                return row
+            if on_takeover is not None:
+                on_takeover(conn, now)
     except IntegrityError:
-        raise LeaseHeldError(
-            f"audience {audience_key!r} is being synced right now by another process"
-        ) from None
-    lease = Lease(engine, audience_id, token)
-    lease._thread.start()
-    return lease
+        with engine.connect() as conn:
+            holder = conn.execute(select(kind.table).where(kind.key == key)).first()
+        if holder is not None:
+            return holder
+        raise
+    return Lease(engine, kind, key, token)
+
+
+def acquire(engine: Engine, audience_id: int, audience_key: str) -> Lease:
+    """Take the audience's lease or raise LeaseHeldError. Closes runs a dead holder left."""
+
+    def close_runs_left_open(conn: Any, now: datetime) -> None:
+        # Whoever held this audience before us is gone: close the runs it left open.
+        conn.execute(
+            update(SyncRun)
+            .where(SyncRun.audience_id == audience_id, SyncRun.status == RUN_RUNNING)
+            .values(status=RUN_INTERRUPTED, finished_at=now, error=INTERRUPTED_ERROR)
+        )
+
+    taken = _take(AUDIENCE, engine, audience_id, on_takeover=close_runs_left_open)
+    if isinstance(taken, Lease):
+        return taken
+    raise LeaseHeldError(
+        f"audience {audience_key!r} is being synced right now by "
+        f"{taken.holder_host} pid {taken.holder_pid}; try again when it finishes"
+    )
+
+
+def try_lead(engine: Engine) -> Lease | None:
+    """Become the scheduling ``syncer serve`` if no live one is, else None."""
+    taken = _take(LEADER, engine, SCHEDULER_LEASE)
+    return taken if isinstance(taken, Lease) else None
+
+
+def leader(engine: Engine) -> Row[Any] | None:
+    with engine.connect() as conn:
+        return conn.execute(select(SERVICE_LEASES).where(LEADER.key == SCHEDULER_LEASE)).first()
 
 
 @contextmanager
@@ -184,23 +233,16 @@ def close_orphaned_runs(engine: Engine) -> int:
         ).all()
         if not running:
             return 0
-        leases = {
-            row.audience_id: SyncLease(**row._mapping)
-            for row in conn.execute(select(SyncLease)).all()
-        }
+        leases = {row.audience_id: row for row in conn.execute(select(SYNC_LEASES)).all()}
         orphaned = [
             run.id
             for run in running
-            if run.audience_id not in leases or _stale(leases[run.audience_id], now)
+            if run.audience_id not in leases or is_stale(leases[run.audience_id], now)
         ]
         if orphaned:
             conn.execute(
                 update(SyncRun)
                 .where(SyncRun.id.in_(orphaned), SyncRun.status == RUN_RUNNING)
-                .values(
-                    status=RUN_INTERRUPTED,
-                    finished_at=now,
-                    error="the process running it stopped before it finished",
-                )
+                .values(status=RUN_INTERRUPTED, finished_at=now, error=INTERRUPTED_ERROR)
             )
     return len(orphaned)

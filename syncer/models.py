@@ -237,6 +237,20 @@ class SyncLease(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class ServiceLease(Base):
+    """Leadership among ``syncer serve`` processes: the row's holder is the one that schedules."""
+
+    __tablename__ = "service_leases"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    token: Mapped[str] = mapped_column(String(64))
+    holder_host: Mapped[str] = mapped_column(String(255))
+    holder_pid: Mapped[int] = mapped_column(Integer)
+    holder_started: Mapped[int | None] = mapped_column(BigInteger)
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 def _table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
 
@@ -244,3 +258,5 @@ def _table(model: type[Base]) -> Table:
 AUDIENCES = _table(Audience)
 MEMBERSHIPS = _table(Membership)
 DELIVERIES = _table(Delivery)
+SYNC_LEASES = _table(SyncLease)
+SERVICE_LEASES = _table(ServiceLease)

@@ -33,6 +33,7 @@ DEFAULT_BACKOFF_BASE_SECONDS = 0.5
 DEFAULT_BACKOFF_MAX_SECONDS = 30.0
 DEFAULT_EVERY = "3h"
 DEFAULT_TIMEZONE = "UTC"
+DEFAULT_SHUTDOWN_GRACE = "30s"
 DEFAULT_QUERY_TIMEOUT_SECONDS = 300.0
 MAX_WORKFLOW_URLS = 10
 
@@ -134,11 +135,21 @@ class TraySettings:
     backoff_base_seconds: float = DEFAULT_BACKOFF_BASE_SECONDS
     backoff_max_seconds: float = DEFAULT_BACKOFF_MAX_SECONDS
 
+    def require_urls(self) -> tuple[str, ...]:
+        """The workflow URLs, for commands that send: at least one must be configured."""
+        if not self.workflow_urls:
+            raise ConfigError(
+                "no Tray workflow URL configured; set [tray] workflow_urls in settings.toml "
+                "(or try: syncer demo)"
+            )
+        return self.workflow_urls
+
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleSettings:
     default_every_seconds: int = parse_duration(DEFAULT_EVERY, what="default")
     timezone: str = DEFAULT_TIMEZONE
+    shutdown_grace_seconds: int = parse_duration(DEFAULT_SHUTDOWN_GRACE, what="default")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,10 +255,11 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
     )
 
     sched_raw = _table(expanded, "schedule")
-    _only(sched_raw, {"default_every", "timezone"}, where="[schedule]")
-    every = sched_raw.get("default_every", DEFAULT_EVERY)
-    if not isinstance(every, str):
-        raise ConfigError('[schedule] default_every must be a string like "3h"')
+    _only(sched_raw, {"default_every", "timezone", "shutdown_grace"}, where="[schedule]")
+    every = _duration_text(sched_raw.get("default_every", DEFAULT_EVERY), "default_every")
+    grace = _duration_text(
+        sched_raw.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE), "shutdown_grace"
+    )
     timezone = sched_raw.get("timezone", DEFAULT_TIMEZONE)
     try:
         ZoneInfo(str(timezone))
@@ -259,6 +271,7 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
     schedule = ScheduleSettings(
         default_every_seconds=parse_duration(every, what="[schedule] default_every"),
         timezone=str(timezone),
+        shutdown_grace_seconds=parse_duration(grace, what="[schedule] shutdown_grace"),
     )
     return Settings(path=path, database=database, sources=sources, tray=tray, schedule=schedule)
 
@@ -281,6 +294,12 @@ def _expand(value: Any, *, where: str) -> Any:
         return {k: _expand(v, where=f"{where}.{k}" if where else k) for k, v in value.items()}
     if isinstance(value, list):
         return [_expand(v, where=where) for v in value]
+    return value
+
+
+def _duration_text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f'[schedule] {name} must be a string like "3h" or "30s"')
     return value
 
 

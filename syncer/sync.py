@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, select, update
@@ -34,12 +35,13 @@ from syncer.delivery import (
     deliver_audience,
     register_destinations,
 )
-from syncer.errors import ConfigError, LeaseHeldError, SourceError, UsageError
+from syncer.errors import LeaseHeldError, SourceError, UsageError
 from syncer.models import (
     AUDIENCE_ACTIVE,
     RUN_FAILED,
     RUN_INCREMENTAL,
     RUN_INITIAL,
+    RUN_INTERRUPTED,
     RUN_PARTIAL,
     RUN_RUNNING,
     RUN_SUCCEEDED,
@@ -51,6 +53,7 @@ from syncer.sources import open_source
 logger = logging.getLogger(__name__)
 
 RUN_SKIPPED = "skipped"  # reported, never stored: another process holds the lease
+WAIT_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,13 +78,13 @@ def sync_audiences(
     keys: Sequence[str] = (),
     *,
     progress_for: object = None,
+    wait: bool = False,
 ) -> list[RunResult]:
-    """Run the given audiences (default: every active one), one after another."""
-    if not settings.tray.workflow_urls:
-        raise ConfigError(
-            "no Tray workflow URL configured; set [tray] workflow_urls in settings.toml "
-            "(or try: syncer demo)"
-        )
+    """Run the given audiences (default: every active one), one after another.
+
+    An audience another process is running is skipped, or with ``wait`` waited for.
+    """
+    settings.tray.require_urls()
     views = (
         [audiences.get(state, key) for key in keys]
         if keys
@@ -91,23 +94,40 @@ def sync_audiences(
     results = []
     for view in views:
         progress = progress_for(view.key) if callable(progress_for) else None
-        results.append(run_audience(state, settings, view, progress=progress))
+        results.append(run_audience(state, settings, view, progress=progress, wait=wait))
     return results
 
 
 def run_audience(
-    state: Engine, settings: Settings, audience: AudienceView, *, progress: Progress | None = None
+    state: Engine,
+    settings: Settings,
+    audience: AudienceView,
+    *,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    wait: bool = False,
 ) -> RunResult:
-    """One run: lease, evaluate + stage + diff + commit, deliver, finish."""
+    """One run: lease, evaluate + stage + diff + commit, deliver, finish.
+
+    ``stop`` (a shutdown) ends delivery early; what was not sent stays owed.
+    """
     targets = register_destinations(state, settings.tray.workflow_urls)
+    while True:
+        try:
+            lease = leases.acquire(state, audience.id, audience.key)
+            break
+        except LeaseHeldError as exc:
+            if not wait or (stop is not None and stop.is_set()):
+                return RunResult(
+                    run_id=None,
+                    audience_key=audience.key,
+                    kind=None,
+                    status=RUN_SKIPPED,
+                    error=str(exc),
+                )
+            time.sleep(WAIT_POLL_SECONDS)
     try:
-        lease = leases.acquire(state, audience.id, audience.key)
-    except LeaseHeldError as exc:
-        return RunResult(
-            run_id=None, audience_key=audience.key, kind=None, status=RUN_SKIPPED, error=str(exc)
-        )
-    try:
-        result = _run_leased(state, settings, audience, targets, progress)
+        result = _run_leased(state, settings, audience, targets, progress, stop)
     finally:
         lease.release()
     logger.info(
@@ -122,6 +142,7 @@ def run_audience(
         result.sent,
         result.failed,
         result.seconds,
+        extra={"run": asdict(result)},
     )
     return result
 
@@ -132,6 +153,7 @@ def _run_leased(
     audience: AudienceView,
     targets: list[Target],
     progress: Progress | None,
+    stop: threading.Event | None,
 ) -> RunResult:
     started = time.monotonic()
     run_id, kind = start_run(state, audience.id)
@@ -144,6 +166,7 @@ def _run_leased(
                 targets,
                 settings.tray,
                 progress=progress,
+                stop=stop,
             )
         )
     except (SourceError, UsageError) as exc:
@@ -161,11 +184,14 @@ def _run_leased(
     except BaseException as exc:
         finish_run(state, run_id, RUN_FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
         raise
+    error = _delivery_error(totals)
     if totals.not_delivered == 0:
         status = RUN_SUCCEEDED
+    elif stop is not None and stop.is_set():
+        status = RUN_INTERRUPTED
+        error = f"stopped by a shutdown; {totals.retry_later} deliveries still owed, sent later"
     else:
         status = RUN_PARTIAL if totals.sent else RUN_FAILED
-    error = _delivery_error(totals)
     finish_run(state, run_id, status, error=error)
     return RunResult(
         run_id=run_id,

@@ -61,6 +61,17 @@ def upgrade() -> None:
         sa.UniqueConstraint("url", name=op.f("uq_destinations_url")),
     )
     op.create_table(
+        "service_leases",
+        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.Column("token", sa.String(length=64), nullable=False),
+        sa.Column("holder_host", sa.String(length=255), nullable=False),
+        sa.Column("holder_pid", sa.Integer(), nullable=False),
+        sa.Column("holder_started", sa.BigInteger(), nullable=True),
+        sa.Column("acquired_at", UTC_DATETIME, nullable=False),
+        sa.Column("expires_at", UTC_DATETIME, nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_service_leases")),
+    )
+    op.create_table(
         "sync_leases",
         sa.Column("audience_id", sa.Integer(), nullable=False),
         sa.Column("token", sa.String(length=64), nullable=False),
@@ -218,6 +229,7 @@ def downgrade() -> None:
         "audience_destinations",
         "sync_runs",
         "sync_leases",
+        "service_leases",
         "destinations",
         "audiences",
     ):

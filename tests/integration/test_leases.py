@@ -127,13 +127,13 @@ def test_a_reused_pid_is_not_taken_for_the_holder(world: World) -> None:
     w = world
     w.set_users(["u1"])
     audience = w.create()
-    assert leases.MY_START is not None
+    assert leases.process_start_ticks(os.getpid()) is not None
     plant_lease(
         w,
         audience,
         host=leases.HOST,
         pid=os.getpid(),
-        started=leases.MY_START + 1000,
+        started=leases.process_start_ticks(os.getpid()) + 1000,
         expires_in=timedelta(hours=1),
     )
 

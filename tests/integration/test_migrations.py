@@ -25,6 +25,7 @@ STATE_TABLES = {
     "deliveries",
     "destinations",
     "memberships",
+    "service_leases",
     "sync_leases",
     "sync_runs",
 }
