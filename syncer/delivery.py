@@ -189,6 +189,27 @@ def count_pending(
         return int(conn.execute(query).scalar_one())
 
 
+class RateLimit:
+    """A token bucket: at most ``rate`` calls a second to one URL, bursts up to ``rate``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.updated = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
+                self.updated = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
 @dataclass(kw_only=True)
 class _Breaker:
     """Opens after ``threshold`` deliveries in a row to one URL ended still owed."""
@@ -264,11 +285,18 @@ def backoff_seconds(attempt: int, tray: TraySettings, retry_after: float | None)
 
 
 async def _send_with_retries(
-    client: TrayClient, url: str, body: bytes, tray: TraySettings, delivery_id: int
+    client: TrayClient,
+    url: str,
+    body: bytes,
+    tray: TraySettings,
+    delivery_id: int,
+    limit: RateLimit | None = None,
 ) -> Outcome:
     attempt = 0
     while True:
         attempt += 1
+        if limit is not None:
+            await limit.wait()
         try:
             code = await client.post(url, body)
             return Outcome(
@@ -342,6 +370,7 @@ async def deliver_audience(
     async def pipeline(client: TrayClient, target: Target) -> None:
         queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=PAGE_SIZE)
         breaker = _Breaker(threshold=max(BREAKER_MIN_FAILURES, tray.max_concurrency))
+        limit = RateLimit(tray.max_requests_per_second) if tray.max_requests_per_second else None
 
         def halted() -> bool:
             return breaker.open or (stop is not None and stop.is_set())
@@ -371,7 +400,7 @@ async def deliver_audience(
                     message_id=identify_message_id(audience.id, row.run_id, row.user_id),
                     timestamp=row.created_at,
                 )
-                outcome = await _send_with_retries(client, target.url, body, tray, row.id)
+                outcome = await _send_with_retries(client, target.url, body, tray, row.id, limit)
                 recorder.add(outcome)
                 if breaker.record(outcome):
                     logger.warning(

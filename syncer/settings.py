@@ -134,6 +134,7 @@ class TraySettings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     backoff_base_seconds: float = DEFAULT_BACKOFF_BASE_SECONDS
     backoff_max_seconds: float = DEFAULT_BACKOFF_MAX_SECONDS
+    max_requests_per_second: float | None = None
 
     def require_urls(self) -> tuple[str, ...]:
         """The workflow URLs, for commands that send: at least one must be configured."""
@@ -229,6 +230,7 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             "max_attempts",
             "backoff_base_seconds",
             "backoff_max_seconds",
+            "max_requests_per_second",
         },
         where="[tray]",
     )
@@ -251,6 +253,13 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
         backoff_max_seconds=_positive_number(
             tray_raw.get("backoff_max_seconds", DEFAULT_BACKOFF_MAX_SECONDS),
             "[tray] backoff_max_seconds",
+        ),
+        max_requests_per_second=(
+            None
+            if tray_raw.get("max_requests_per_second") is None
+            else _positive_number(
+                tray_raw["max_requests_per_second"], "[tray] max_requests_per_second"
+            )
         ),
     )
 
