@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,7 +23,9 @@ from syncer import __version__, audiences, db, history, logs
 from syncer.errors import SyncerError, UsageError
 from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_DELETED, AUDIENCE_PAUSED
 from syncer.settings import Settings, load_settings
-from syncer.sync import RUN_SKIPPED, RunResult, sync_audiences
+
+if TYPE_CHECKING:
+    from syncer.sync import RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +225,9 @@ def _audience_json(view: audiences.AudienceView, default_every: int) -> dict[str
 
 
 def _sync(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    # Imported here: the HTTP stack costs a noticeable share of every command's start-up.
+    from syncer.sync import RUN_SKIPPED, sync_audiences
+
     show_progress = sys.stdout.isatty() and not args.json
     results = sync_audiences(
         state,

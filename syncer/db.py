@@ -80,6 +80,13 @@ def create_source_engine(url: URL) -> Engine:
         event.listen(engine, "connect", _sqlite_readonly_on_connect)
         install_sqlite_transactions(engine)
         return engine
+    if url.get_backend_name() == "postgresql":
+        # A second wall besides the per-transaction READ ONLY: a session that cannot write.
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            connect_args={"options": "-c default_transaction_read_only=on"},
+        )
     return create_engine(url, pool_pre_ping=True)
 
 

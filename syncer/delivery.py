@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 2_000
 BREAKER_MIN_FAILURES = 8
+STOP_POLL_SECONDS = 0.1
 FLUSH_EVERY_SECONDS = 0.25
-FLUSH_EVERY_OUTCOMES = 2_000
 UPDATE_CHUNK = 500
 D = DELIVERIES
 
@@ -291,6 +291,7 @@ async def _send_with_retries(
     tray: TraySettings,
     delivery_id: int,
     limit: RateLimit | None = None,
+    stop: threading.Event | None = None,
 ) -> Outcome:
     attempt = 0
     while True:
@@ -318,8 +319,12 @@ async def _send_with_retries(
             )
         except DeliveryError as exc:
             delay = backoff_seconds(attempt, tray, exc.retry_after)
-            if attempt >= tray.max_attempts or delay > tray.backoff_max_seconds:
-                # Still owed: stays pending for the next run, with what went wrong.
+            if (
+                attempt >= tray.max_attempts
+                or delay > tray.backoff_max_seconds
+                or not await _pause(delay, stop)
+            ):
+                # Still owed: stays pending for the next pass, with what went wrong.
                 return Outcome(
                     delivery_id=delivery_id,
                     status=DELIVERY_PENDING,
@@ -328,7 +333,16 @@ async def _send_with_retries(
                     error=str(exc),
                     at=datetime.now(UTC),
                 )
-            await asyncio.sleep(delay)
+
+
+async def _pause(seconds: float, stop: threading.Event | None) -> bool:
+    """Sleep before a retry; False as soon as a shutdown asks to stop."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if stop is not None and stop.is_set():
+            return False
+        await asyncio.sleep(min(left, STOP_POLL_SECONDS))
+    return stop is None or not stop.is_set()
 
 
 async def deliver_audience(
@@ -358,6 +372,9 @@ async def deliver_audience(
     if progress:
         progress(0, total)
     stop_flushing = asyncio.Event()
+    # Calls answered but not yet recorded are sent again after a crash: keep them few,
+    # about one round of the concurrency limit.
+    flush_every = tray.max_concurrency
 
     async def flusher() -> None:
         while not stop_flushing.is_set():
@@ -400,7 +417,9 @@ async def deliver_audience(
                     message_id=identify_message_id(audience.id, row.run_id, row.user_id),
                     timestamp=row.created_at,
                 )
-                outcome = await _send_with_retries(client, target.url, body, tray, row.id, limit)
+                outcome = await _send_with_retries(
+                    client, target.url, body, tray, row.id, limit, stop
+                )
                 recorder.add(outcome)
                 if breaker.record(outcome):
                     logger.warning(
@@ -410,7 +429,7 @@ async def deliver_audience(
                         target.id,
                         outcome.error,
                     )
-                if len(recorder.outcomes) >= FLUSH_EVERY_OUTCOMES:
+                if len(recorder.outcomes) >= flush_every:
                     await asyncio.to_thread(recorder.write, recorder.take())
 
         await asyncio.gather(reader(), *(sender() for _ in range(tray.max_concurrency)))

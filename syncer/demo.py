@@ -13,12 +13,13 @@ import json
 import random
 import shutil
 import sqlite3
+import sys
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from syncer import audiences, db, history
 from syncer.errors import UsageError
@@ -35,6 +36,16 @@ AUDIENCES = {
         "SELECT user_id FROM orders GROUP BY user_id HAVING SUM(total) >= 500"
     ),
 }
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client closing a keep-alive connection is routine here, not worth a traceback."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class DemoReceiver:
@@ -67,8 +78,7 @@ class DemoReceiver:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

@@ -135,7 +135,7 @@ def _stage_streamed(conn: Connection, source: Source, sql: str) -> Staged:
     try:
         with source.engine.connect() as src, read_only(src, source.settings.query_timeout_seconds):
             id_name = id_column(src, sql)
-            raw = select(member_query(sql, id_name).id)
+            raw = member_query(sql, id_name).raw
             result = src.execution_options(stream_results=True, yield_per=STREAM_BATCH).execute(raw)
             loader = _Loader(conn)
             for batch in result.partitions(STREAM_BATCH):

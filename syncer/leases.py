@@ -224,6 +224,27 @@ def held(engine: Engine, audience_id: int, audience_key: str) -> Iterator[Lease]
         lease.release()
 
 
+def abandon(engine: Engine) -> None:
+    """Before a forced exit: close this process's open runs and free its audience leases,
+    so that the next run starts at once and history does not show them running."""
+    pid = os.getpid()
+    with write_transaction(engine) as conn:
+        conn.execute(
+            update(SyncRun)
+            .where(SyncRun.status == RUN_RUNNING, SyncRun.host == HOST, SyncRun.pid == pid)
+            .values(
+                status=RUN_INTERRUPTED,
+                finished_at=datetime.now(UTC),
+                error="stopped by a shutdown before it finished; what it owes stays owed",
+            )
+        )
+        conn.execute(
+            delete(SYNC_LEASES).where(
+                SYNC_LEASES.c.holder_host == HOST, SYNC_LEASES.c.holder_pid == pid
+            )
+        )
+
+
 def close_orphaned_runs(engine: Engine) -> int:
     """Mark runs 'interrupted' whose audience has no live lease (their process died)."""
     now = datetime.now(UTC)

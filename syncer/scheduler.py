@@ -147,13 +147,13 @@ class Service:
                 self.stopping.wait(RECONCILE_SECONDS)
         finally:
             scheduler.shutdown(wait=False)
-            self._drain()
+            self._drain(lease)
 
     def _count_jobs(self, event: JobEvent) -> None:
         with self._in_flight_lock:
             self._in_flight += 1 if event.code == EVENT_JOB_SUBMITTED else -1
 
-    def _drain(self) -> None:
+    def _drain(self, lease: leases.Lease) -> None:
         """Wait for runs in flight, up to the grace period; then leave them to the next run."""
         deadline = time.monotonic() + self.settings.schedule.shutdown_grace_seconds
         while time.monotonic() < deadline:
@@ -168,6 +168,9 @@ class Service:
                 self.settings.schedule.shutdown_grace_seconds,
                 self._in_flight,
             )
+            leases.abandon(self.state)
+            if not lease.lost.is_set():
+                lease.release()
             logging.shutdown()
             os._exit(0)
 

@@ -26,6 +26,7 @@ from sqlalchemy import (
     cast,
     column,
     func,
+    literal,
     select,
     text,
 )
@@ -129,8 +130,13 @@ def _transaction(conn: Connection, commit: bool) -> Iterator[None]:
 
 
 def id_column(conn: Connection, sql: str) -> str:
-    """The column that holds user ids: the only one, or the one named ``user_id``."""
-    result = conn.execute(text(f"SELECT * FROM ({sql}) AS audience_query LIMIT 0"))
+    """The column that holds user ids: the only one, or the one named ``user_id``.
+
+    Every statement that embeds audience SQL carries a bound parameter: drivers send
+    parameterless statements as simple queries, which PostgreSQL runs even when they hold
+    several statements (``…) x; COMMIT; DELETE …``); with a parameter, it refuses them.
+    """
+    result = conn.execute(text(f"SELECT * FROM ({sql}) AS audience_query LIMIT :none"), {"none": 0})
     names = list(result.keys())
     result.close()
     if len(names) == 1:
@@ -152,6 +158,7 @@ class MemberQuery:
     id: ColumnElement[Any]
     valid: ColumnElement[bool]
     members: Select[str]
+    raw: Select[Any]  # the ids as the source returns them, for streaming
 
 
 def member_query(sql: str, id_name: str) -> MemberQuery:
@@ -173,10 +180,13 @@ def member_query(sql: str, id_name: str) -> MemberQuery:
         id=rows.c[id_name],
         valid=valid,
         members=select(user_id.label(USER_ID_COLUMN)).where(valid),
+        raw=select(rows.c[id_name]).where(_ONE_STATEMENT),
     )
 
 
 BLANK_CHARACTERS = " \t\r\n"
+# A bound parameter (see id_column): it keeps the driver from running several statements.
+_ONE_STATEMENT = literal(1) == literal(1)
 
 
 def is_valid_id(user_id: str) -> bool:
