@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from syncer import __version__, audiences, db, history, logs
 from syncer.errors import SyncerError, UsageError
-from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_DELETED, AUDIENCE_PAUSED
+from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_DELETED, AUDIENCE_PAUSED, DELIVERY_STATUSES
 from syncer.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="the scheduler: runs every active audience on its schedule until stopped"
     )
 
+    dels = commands.add_parser("deliveries", help="the outbox: deliveries, newest first")
+    dels.add_argument("key", nargs="?")
+    dels.add_argument("--status", choices=DELIVERY_STATUSES)
+    dels.add_argument("--limit", type=int, default=50)
+    dels.add_argument("--json", action="store_true")
+
+    again = commands.add_parser("retry", help="send failed deliveries again, and all owed now")
+    again.add_argument("key", nargs="?")
+
     hist = commands.add_parser("history", help="sync runs, newest first")
     hist.add_argument("key", nargs="?")
     hist.add_argument("--limit", type=int, default=20)
@@ -152,6 +161,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             "sync": _sync,
             "history": _history,
             "serve": _serve,
+            "deliveries": _deliveries,
+            "retry": _retry,
         }[args.command]
         return handler(args, state, settings)
     finally:
@@ -269,6 +280,56 @@ def _serve(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
     from syncer.scheduler import serve
 
     return serve(settings, state)
+
+
+def _deliveries(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    del settings
+    from syncer.outbox import list_deliveries
+
+    records = list_deliveries(state, args.key, status=args.status, limit=args.limit)
+    if args.json:
+        _print_json([r.as_json() for r in records])
+        return EXIT_OK
+    print(
+        history.format_table(
+            ["ID", "RUN", "AUDIENCE", "USER", "URL HOST", "VALUE", "STATUS", "ATTEMPTS", "LAST"],
+            [
+                [
+                    str(r.id),
+                    str(r.run_id),
+                    r.audience_key,
+                    r.user_id,
+                    f"{r.destination_host} (#{r.destination_id})",
+                    "-" if r.value is None else str(r.value).lower(),
+                    r.status,
+                    str(r.attempts),
+                    r.last_error or (str(r.last_status_code) if r.last_status_code else "-"),
+                ]
+                for r in records
+            ],
+        )
+    )
+    return EXIT_OK
+
+
+def _retry(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    from syncer.outbox import retry
+
+    requeued, results = retry(state, settings, args.key)
+    print(f"{requeued} failed deliveries queued again")
+    code = EXIT_OK
+    for r in results:
+        if r.totals is None:
+            print(f"syncer: {r.error}", file=sys.stderr)
+            code = EXIT_FAILED
+            continue
+        print(
+            f"{r.audience_key}: sent {r.totals.sent}, failed {r.totals.failed}, "
+            f"still owed {r.totals.retry_later}"
+        )
+        if r.totals.not_delivered:
+            code = EXIT_FAILED
+    return code
 
 
 def _history(args: argparse.Namespace, state: Engine, settings: Settings) -> int:

@@ -31,13 +31,15 @@ from syncer.models import (
     DELIVERY_SENT,
     Destination,
 )
-from syncer.settings import TraySettings
+from syncer.settings import TraySettings, format_duration
 from syncer.tray import TrayClient, identify_body, identify_message_id
 
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 2_000
 BREAKER_MIN_FAILURES = 8
+TRIES_PER_PASS = 3
+MAX_PASS_DELAY_SECONDS = 3600.0
 STOP_POLL_SECONDS = 0.1
 FLUSH_EVERY_SECONDS = 0.25
 UPDATE_CHUNK = 500
@@ -111,12 +113,13 @@ class _Pending:
     user_id: str
     value: bool
     created_at: datetime
+    attempts: int
 
 
 @dataclass(kw_only=True)
 class _Recorder:
     engine: Engine
-    retry_after: timedelta
+    tray: TraySettings
     outcomes: list[Outcome] = field(default_factory=list)
     totals: DeliveryTotals = field(default_factory=DeliveryTotals)
     done: int = 0
@@ -134,7 +137,10 @@ class _Recorder:
         return taken
 
     def write(self, outcomes: list[Outcome]) -> None:
-        """Record outcomes with one UPDATE per (status, attempts, code, error) group."""
+        """Record outcomes with one UPDATE per (status, attempts, code, error) group.
+
+        ``attempts`` is a delivery's total over all passes; one still owed waits for a pass
+        delay that grows with it (see ``pass_delay``)."""
         if not outcomes:
             return
 
@@ -150,7 +156,7 @@ class _Recorder:
                 first = rows[0]
                 values: dict[str, object] = {
                     "status": status,
-                    "attempts": D.c.attempts + attempts,
+                    "attempts": attempts,
                     "last_attempt_at": max(o.at for o in rows),
                     "last_status_code": first.status_code,
                     "last_error": first.error,
@@ -158,7 +164,7 @@ class _Recorder:
                 if status == DELIVERY_SENT:
                     values["delivered_at"] = values["last_attempt_at"]
                 if status == DELIVERY_PENDING:
-                    values["next_attempt_at"] = now + self.retry_after
+                    values["next_attempt_at"] = now + pass_delay(attempts, self.tray)
                 ids = [o.delivery_id for o in rows]
                 for start in range(0, len(ids), UPDATE_CHUNK):
                     conn.execute(
@@ -169,6 +175,42 @@ class _Recorder:
                         )
                         .values(values)
                     )
+
+
+def expire_overdue(
+    engine: Engine, audience_id: int, destination_ids: Sequence[int], tray: TraySettings
+) -> None:
+    """Deliveries still owed past ``max_age`` are given up: failed, with the reason."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=tray.max_age_seconds)
+    with write_transaction(engine) as conn:
+        conn.execute(
+            update(D)
+            .where(
+                D.c.status == DELIVERY_PENDING,
+                D.c.audience_id == audience_id,
+                D.c.destination_id.in_(destination_ids),
+                D.c.created_at < cutoff,
+            )
+            .values(
+                status=DELIVERY_FAILED,
+                last_error=f"not delivered within max_age ({format_duration(tray.max_age_seconds)})",
+            )
+        )
+
+
+def postpone(engine: Engine, audience_id: int, destination_id: int, until: datetime) -> None:
+    """A URL that keeps failing: everything owed to it waits for the next pass together."""
+    with write_transaction(engine) as conn:
+        conn.execute(
+            update(D)
+            .where(
+                D.c.status == DELIVERY_PENDING,
+                D.c.audience_id == audience_id,
+                D.c.destination_id == destination_id,
+                D.c.next_attempt_at < until,
+            )
+            .values(next_attempt_at=until)
+        )
 
 
 def count_pending(
@@ -249,7 +291,7 @@ def _read_page(
     engine: Engine, audience_id: int, destination_id: int, after_id: int, due: datetime | None
 ) -> list[_Pending]:
     query = (
-        select(D.c.id, D.c.run_id, D.c.user_id, D.c.trait_value, D.c.created_at)
+        select(D.c.id, D.c.run_id, D.c.user_id, D.c.trait_value, D.c.created_at, D.c.attempts)
         .where(
             D.c.status == DELIVERY_PENDING,
             D.c.audience_id == audience_id,
@@ -270,6 +312,7 @@ def _read_page(
             user_id=r.user_id,
             value=bool(r.trait_value),
             created_at=r.created_at,
+            attempts=r.attempts,
         )
         for r in rows
     ]
@@ -284,54 +327,77 @@ def backoff_seconds(attempt: int, tray: TraySettings, retry_after: float | None)
     return delay
 
 
+def pass_delay(attempts: int, tray: TraySettings) -> timedelta:
+    """How long a delivery still owed after ``attempts`` tries waits for the next pass:
+    ``backoff_max_seconds``, doubling with every pass, at most an hour."""
+    passes = max(1, -(-attempts // TRIES_PER_PASS))
+    seconds = tray.backoff_max_seconds * 2 ** min(passes - 1, 20)
+    return timedelta(seconds=min(seconds, MAX_PASS_DELAY_SECONDS))
+
+
 async def _send_with_retries(
     client: TrayClient,
     url: str,
     body: bytes,
     tray: TraySettings,
-    delivery_id: int,
+    row: _Pending,
     limit: RateLimit | None = None,
     stop: threading.Event | None = None,
 ) -> Outcome:
-    attempt = 0
+    """Up to TRIES_PER_PASS tries with jittered backoff; then owed to a later pass, or
+    failed for good once it reached ``max_attempts`` tries or ``max_age``."""
+    tries = 0
     while True:
-        attempt += 1
+        tries += 1
+        attempts = row.attempts + tries
         if limit is not None:
             await limit.wait()
         try:
             code = await client.post(url, body)
             return Outcome(
-                delivery_id=delivery_id,
+                delivery_id=row.id,
                 status=DELIVERY_SENT,
-                attempts=attempt,
+                attempts=attempts,
                 status_code=code,
                 error=None,
                 at=datetime.now(UTC),
             )
         except PermanentDeliveryError as exc:
             return Outcome(
-                delivery_id=delivery_id,
+                delivery_id=row.id,
                 status=DELIVERY_FAILED,
-                attempts=attempt,
+                attempts=attempts,
                 status_code=exc.status_code,
                 error=str(exc),
                 at=datetime.now(UTC),
             )
         except DeliveryError as exc:
-            delay = backoff_seconds(attempt, tray, exc.retry_after)
+            now = datetime.now(UTC)
+            if attempts >= tray.max_attempts or now - row.created_at >= timedelta(
+                seconds=tray.max_age_seconds
+            ):
+                return Outcome(
+                    delivery_id=row.id,
+                    status=DELIVERY_FAILED,
+                    attempts=attempts,
+                    status_code=exc.status_code,
+                    error=f"gave up after {attempts} attempts: {exc}",
+                    at=now,
+                )
+            delay = backoff_seconds(tries, tray, exc.retry_after)
             if (
-                attempt >= tray.max_attempts
+                tries >= TRIES_PER_PASS
                 or delay > tray.backoff_max_seconds
                 or not await _pause(delay, stop)
             ):
-                # Still owed: stays pending for the next pass, with what went wrong.
+                # Still owed: stays pending for a later pass, with what went wrong.
                 return Outcome(
-                    delivery_id=delivery_id,
+                    delivery_id=row.id,
                     status=DELIVERY_PENDING,
-                    attempts=attempt,
+                    attempts=attempts,
                     status_code=exc.status_code,
                     error=str(exc),
-                    at=datetime.now(UTC),
+                    at=now,
                 )
 
 
@@ -366,7 +432,8 @@ async def deliver_audience(
     target_ids = [t.id for t in targets]
     due = datetime.now(UTC) if due_only else None
     total = await asyncio.to_thread(count_pending, engine, audience.id, target_ids, due)
-    recorder = _Recorder(engine=engine, retry_after=timedelta(seconds=tray.backoff_max_seconds))
+    recorder = _Recorder(engine=engine, tray=tray)
+    await asyncio.to_thread(expire_overdue, engine, audience.id, target_ids, tray)
     if total == 0:
         return recorder.totals
     if progress:
@@ -417,11 +484,16 @@ async def deliver_audience(
                     message_id=identify_message_id(audience.id, row.run_id, row.user_id),
                     timestamp=row.created_at,
                 )
-                outcome = await _send_with_retries(
-                    client, target.url, body, tray, row.id, limit, stop
-                )
+                outcome = await _send_with_retries(client, target.url, body, tray, row, limit, stop)
                 recorder.add(outcome)
                 if breaker.record(outcome):
+                    await asyncio.to_thread(
+                        postpone,
+                        engine,
+                        audience.id,
+                        target.id,
+                        datetime.now(UTC) + pass_delay(outcome.attempts, tray),
+                    )
                     logger.warning(
                         "audience %s: workflow URL %d keeps failing (%s); what it is owed "
                         "waits for the next pass",

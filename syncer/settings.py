@@ -28,7 +28,8 @@ DEFAULT_DATABASE_URL = "sqlite:///syncer.db"
 DEFAULT_SOURCE = "default"
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_MAX_CONCURRENCY = 64
-DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_MAX_ATTEMPTS = 100
+DEFAULT_MAX_AGE = "24h"
 DEFAULT_BACKOFF_BASE_SECONDS = 0.5
 DEFAULT_BACKOFF_MAX_SECONDS = 30.0
 DEFAULT_EVERY = "3h"
@@ -135,6 +136,7 @@ class TraySettings:
     backoff_base_seconds: float = DEFAULT_BACKOFF_BASE_SECONDS
     backoff_max_seconds: float = DEFAULT_BACKOFF_MAX_SECONDS
     max_requests_per_second: float | None = None
+    max_age_seconds: int = parse_duration(DEFAULT_MAX_AGE, what="default")
 
     def require_urls(self) -> tuple[str, ...]:
         """The workflow URLs, for commands that send: at least one must be configured."""
@@ -231,6 +233,7 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             "backoff_base_seconds",
             "backoff_max_seconds",
             "max_requests_per_second",
+            "max_age",
         },
         where="[tray]",
     )
@@ -254,6 +257,10 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             tray_raw.get("backoff_max_seconds", DEFAULT_BACKOFF_MAX_SECONDS),
             "[tray] backoff_max_seconds",
         ),
+        max_age_seconds=parse_duration(
+            _duration_text(tray_raw.get("max_age", DEFAULT_MAX_AGE), "[tray] max_age"),
+            what="[tray] max_age",
+        ),
         max_requests_per_second=(
             None
             if tray_raw.get("max_requests_per_second") is None
@@ -265,9 +272,11 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
 
     sched_raw = _table(expanded, "schedule")
     _only(sched_raw, {"default_every", "timezone", "shutdown_grace"}, where="[schedule]")
-    every = _duration_text(sched_raw.get("default_every", DEFAULT_EVERY), "default_every")
+    every = _duration_text(
+        sched_raw.get("default_every", DEFAULT_EVERY), "[schedule] default_every"
+    )
     grace = _duration_text(
-        sched_raw.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE), "shutdown_grace"
+        sched_raw.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE), "[schedule] shutdown_grace"
     )
     timezone = sched_raw.get("timezone", DEFAULT_TIMEZONE)
     try:
@@ -308,7 +317,7 @@ def _expand(value: Any, *, where: str) -> Any:
 
 def _duration_text(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise ConfigError(f'[schedule] {name} must be a string like "3h" or "30s"')
+        raise ConfigError(f'{name} must be a string like "3h" or "30s"')
     return value
 
 

@@ -378,7 +378,7 @@ def test_owed_deliveries_are_retried_in_the_background(
     rx = receiver
     key = "retried_later"
     users = ["u1", "u2", "u3", "u4", "u5"]
-    site = make_site(sqlite_url, users, workflow_urls=[rx.url("w1")], tray={"max_attempts": 2})
+    site = make_site(sqlite_url, users, workflow_urls=[rx.url("w1")], tray={"max_attempts": 20})
     assert site.create("Retried Later", SQL, "1h") == key
     rx.set_status("w1", 503)
     with site.serve() as serve:

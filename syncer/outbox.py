@@ -1,0 +1,161 @@
+"""The outbox as operators see it: ``syncer deliveries`` lists it, ``syncer retry`` sends what
+failed again."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import Engine, and_, exists, select, update
+from sqlalchemy.orm import aliased
+
+from syncer import audiences, leases
+from syncer.db import write_transaction
+from syncer.delivery import Audience, DeliveryTotals, deliver_audience, register_destinations
+from syncer.errors import AudienceError, LeaseHeldError
+from syncer.models import (
+    AUDIENCES,
+    DELIVERIES,
+    DELIVERY_FAILED,
+    DELIVERY_PENDING,
+    DELIVERY_SENT,
+    DELIVERY_SUPERSEDED,
+    Destination,
+)
+from syncer.settings import Settings
+
+D = DELIVERIES
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryRecord:
+    id: int
+    run_id: int
+    audience_key: str
+    user_id: str
+    destination_id: int
+    destination_host: str
+    kind: str
+    value: bool | None
+    status: str
+    attempts: int
+    created_at: datetime
+    last_attempt_at: datetime | None
+    delivered_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("created_at", "last_attempt_at", "delivered_at"):
+            if data[name] is not None:
+                data[name] = data[name].isoformat().replace("+00:00", "Z")
+        return data
+
+
+def list_deliveries(
+    engine: Engine, key: str | None = None, *, status: str | None = None, limit: int = 100
+) -> list[DeliveryRecord]:
+    """Deliveries, newest first. Workflow URLs are shown by host only."""
+    if limit <= 0:
+        raise AudienceError("--limit must be a positive number")
+    query = (
+        select(D, AUDIENCES.c.key, Destination.url)
+        .join(AUDIENCES, AUDIENCES.c.id == D.c.audience_id)
+        .join(Destination, Destination.id == D.c.destination_id)
+        .order_by(D.c.id.desc())
+        .limit(limit)
+    )
+    if key is not None:
+        query = query.where(D.c.audience_id == audiences.get(engine, key, include_deleted=True).id)
+    if status is not None:
+        query = query.where(D.c.status == status)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [
+        DeliveryRecord(
+            id=r.id,
+            run_id=r.run_id,
+            audience_key=r.key,
+            user_id=r.user_id,
+            destination_id=r.destination_id,
+            destination_host=urlsplit(r.url).hostname or "?",
+            kind=r.kind,
+            value=r.trait_value,
+            status=r.status,
+            attempts=r.attempts,
+            created_at=r.created_at,
+            last_attempt_at=r.last_attempt_at,
+            delivered_at=r.delivered_at,
+            last_status_code=r.last_status_code,
+            last_error=r.last_error,
+        )
+        for r in rows
+    ]
+
+
+def requeue_failed(engine: Engine, destination_ids: list[int], key: str | None = None) -> int:
+    """Make failed deliveries to configured URLs owed again, unless a newer change for the same
+    user and URL exists (then the old value must never be sent: it becomes superseded)."""
+    now = datetime.now(UTC)
+    newer = aliased(D)
+    has_newer = exists().where(
+        newer.c.audience_id == D.c.audience_id,
+        newer.c.user_id == D.c.user_id,
+        newer.c.destination_id == D.c.destination_id,
+        newer.c.id > D.c.id,
+        newer.c.status.in_((DELIVERY_PENDING, DELIVERY_SENT, DELIVERY_FAILED)),
+    )
+    failed = and_(D.c.status == DELIVERY_FAILED, D.c.destination_id.in_(destination_ids))
+    if key is not None:
+        failed = and_(failed, D.c.audience_id == audiences.get(engine, key).id)
+    with write_transaction(engine) as conn:
+        conn.execute(update(D).where(failed, has_newer).values(status=DELIVERY_SUPERSEDED))
+        return int(
+            conn.execute(
+                update(D)
+                .where(failed)
+                .values(
+                    status=DELIVERY_PENDING,
+                    attempts=0,
+                    created_at=now,
+                    next_attempt_at=now,
+                    last_error=None,
+                )
+            ).rowcount
+            or 0
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryResult:
+    audience_key: str
+    totals: DeliveryTotals | None
+    error: str | None = None
+
+
+def retry(
+    engine: Engine, settings: Settings, key: str | None = None
+) -> tuple[int, list[RetryResult]]:
+    """``syncer retry``: requeue what failed, then send everything owed now."""
+    targets = register_destinations(engine, settings.tray.require_urls())
+    requeued = requeue_failed(engine, [t.id for t in targets], key)
+    results = []
+    for view in [audiences.get(engine, key)] if key else audiences.list_all(engine):
+        try:
+            lease = leases.acquire(engine, view.id, view.key)
+        except LeaseHeldError as exc:
+            results.append(RetryResult(audience_key=view.key, totals=None, error=str(exc)))
+            continue
+        try:
+            totals = asyncio.run(
+                deliver_audience(engine, Audience(id=view.id, key=view.key), targets, settings.tray)
+            )
+        finally:
+            lease.release()
+        if totals.sent or totals.not_delivered:
+            results.append(RetryResult(audience_key=view.key, totals=totals))
+    return requeued, results
