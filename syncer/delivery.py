@@ -30,6 +30,7 @@ from syncer.models import (
     DELIVERY_PENDING,
     DELIVERY_SENT,
     Destination,
+    owed,
 )
 from syncer.settings import TraySettings, format_duration
 from syncer.tray import TrayClient, identify_body, identify_message_id
@@ -185,12 +186,7 @@ def expire_overdue(
     with write_transaction(engine) as conn:
         conn.execute(
             update(D)
-            .where(
-                D.c.status == DELIVERY_PENDING,
-                D.c.audience_id == audience_id,
-                D.c.destination_id.in_(destination_ids),
-                D.c.created_at < cutoff,
-            )
+            .where(owed(audience_id, destination_ids), D.c.created_at < cutoff)
             .values(
                 status=DELIVERY_FAILED,
                 last_error=f"not delivered within max_age ({format_duration(tray.max_age_seconds)})",
@@ -203,12 +199,7 @@ def postpone(engine: Engine, audience_id: int, destination_id: int, until: datet
     with write_transaction(engine) as conn:
         conn.execute(
             update(D)
-            .where(
-                D.c.status == DELIVERY_PENDING,
-                D.c.audience_id == audience_id,
-                D.c.destination_id == destination_id,
-                D.c.next_attempt_at < until,
-            )
+            .where(owed(audience_id, [destination_id]), D.c.next_attempt_at < until)
             .values(next_attempt_at=until)
         )
 
@@ -216,15 +207,7 @@ def postpone(engine: Engine, audience_id: int, destination_id: int, until: datet
 def count_pending(
     engine: Engine, audience_id: int, destination_ids: Sequence[int], due: datetime | None
 ) -> int:
-    query = (
-        select(func.count())
-        .select_from(D)
-        .where(
-            D.c.status == DELIVERY_PENDING,
-            D.c.audience_id == audience_id,
-            D.c.destination_id.in_(destination_ids),
-        )
-    )
+    query = select(func.count()).select_from(D).where(owed(audience_id, destination_ids))
     if due is not None:
         query = query.where(D.c.next_attempt_at <= due)
     with engine.connect() as conn:

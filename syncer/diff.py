@@ -48,6 +48,7 @@ from syncer.models import (
     AudienceDestination,
     SyncRun,
     exact_string,
+    owed,
 )
 from syncer.sources import Source, id_column, is_valid_id, member_query, read_only, run_error
 
@@ -347,15 +348,7 @@ def commit_snapshot(
 def _forget_destinations(conn: Connection, audience_id: int, dropped: list[int]) -> None:
     """URLs no longer in settings: what they were owed is cancelled, and should one come back
     it is given the audience anew (a backfill), as any new URL is."""
-    conn.execute(
-        update(D)
-        .where(
-            D.c.status == DELIVERY_PENDING,
-            D.c.audience_id == audience_id,
-            D.c.destination_id.in_(dropped),
-        )
-        .values(status=DELIVERY_CANCELLED)
-    )
+    conn.execute(update(D).where(owed(audience_id, dropped)).values(status=DELIVERY_CANCELLED))
     conn.execute(
         delete(AudienceDestination).where(
             AudienceDestination.audience_id == audience_id,

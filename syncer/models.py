@@ -6,6 +6,7 @@ models. Every timestamp is stored in UTC. ``docs/schema.md`` explains each table
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -13,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    ColumnElement,
     DateTime,
     Dialect,
     ForeignKey,
@@ -23,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    and_,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -256,6 +259,16 @@ class ServiceLease(Base):
     holder_started: Mapped[int | None] = mapped_column(BigInteger)
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+def owed(audience_id: int, destination_ids: Sequence[int]) -> ColumnElement[bool]:
+    """Deliveries of an audience still owed to some workflow URLs."""
+    d = DELIVERIES.c
+    return and_(
+        d.status == DELIVERY_PENDING,
+        d.audience_id == audience_id,
+        d.destination_id.in_(destination_ids),
+    )
 
 
 def _table(model: type[Base]) -> Table:
