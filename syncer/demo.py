@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from syncer import audiences, db, history
 from syncer.errors import UsageError
 from syncer.settings import load_settings
-from syncer.sync import sync_audiences
+from syncer.sync import RunResult, sync_audiences
 
 MARKER = ".syncer-demo"
 DEMO_SECRET = "demo-shared-secret"
@@ -206,7 +206,7 @@ def run_demo(directory: str, *, users: int, out: TextIO) -> int:
     return 1 if failed or receiver.bad_signatures else 0
 
 
-def _report(results: list, out: TextIO) -> bool:  # type: ignore[type-arg]
+def _report(results: list[RunResult], out: TextIO) -> bool:
     failed = False
     for r in results:
         print(

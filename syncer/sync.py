@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -77,7 +77,7 @@ def sync_audiences(
     settings: Settings,
     keys: Sequence[str] = (),
     *,
-    progress_for: object = None,
+    progress_for: Callable[[str], Progress] | None = None,
     wait: bool = False,
 ) -> list[RunResult]:
     """Run the given audiences (default: every active one), one after another.
@@ -93,7 +93,7 @@ def sync_audiences(
     leases.close_orphaned_runs(state)
     results = []
     for view in views:
-        progress = progress_for(view.key) if callable(progress_for) else None
+        progress = progress_for(view.key) if progress_for else None
         results.append(run_audience(state, settings, view, progress=progress, wait=wait))
     return results
 
