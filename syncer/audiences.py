@@ -21,6 +21,9 @@ from syncer.models import (
     AUDIENCE_DELETED,
     AUDIENCE_PAUSED,
     AUDIENCES,
+    DELIVERIES,
+    DELIVERY_CANCELLED,
+    DELIVERY_PENDING,
     KEY_LENGTH,
     Audience,
 )
@@ -235,6 +238,17 @@ def set_status(state: Engine, key: str, status: str) -> AudienceView:
         values["deleted_at"] = now
     _set(state, key, values)
     return get(state, key, include_deleted=True)
+
+
+def cancel_owed(state: Engine, audience_id: int) -> None:
+    """A deleted audience's deliveries still owed will not be sent."""
+    d = DELIVERIES.c
+    with write_transaction(state) as conn:
+        conn.execute(
+            update(DELIVERIES)
+            .where(d.audience_id == audience_id, d.status == DELIVERY_PENDING)
+            .values(status=DELIVERY_CANCELLED, last_error="the audience was deleted")
+        )
 
 
 def _set(state: Engine, key: str, values: dict[str, object]) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from syncer import __version__, audiences, db, history, logs
 from syncer.errors import SyncerError, UsageError
-from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_DELETED, AUDIENCE_PAUSED, DELIVERY_STATUSES
+from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_PAUSED, DELIVERY_STATUSES
 from syncer.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -75,9 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("pause", "stop syncing it until resumed"),
         ("resume", "sync it again"),
-        ("delete", "stop syncing it; its key is retired forever"),
     ):
         aud_sub.add_parser(name, help=text).add_argument("key")
+    retire = aud_sub.add_parser("delete", help="stop syncing it; its key is retired forever")
+    retire.add_argument("key")
+    retire.add_argument(
+        "--unset", action="store_true", help="first send {key: false} to every current member"
+    )
+
+    users = commands.add_parser("users", help="user deletion")
+    users_sub = users.add_subparsers(dest="users_command", required=True, parser_class=_Parser)
+    forget = users_sub.add_parser(
+        "delete", help="forward a delete to Tray, purge the user, suppress them from now on"
+    )
+    forget.add_argument("user_ids", nargs="*", metavar="USER_ID")
+    forget.add_argument("--file", help="a file of user ids, one a line")
+    restore = users_sub.add_parser("restore", help="lift the suppression of a deleted user")
+    restore.add_argument("user_id", metavar="USER_ID")
 
     sync = commands.add_parser("sync", help="run audiences now, in the foreground")
     sync.add_argument("keys", nargs="*", metavar="KEY", help="default: every active audience")
@@ -161,6 +175,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "sync": _sync,
             "history": _history,
             "serve": _serve,
+            "users": _users,
             "deliveries": _deliveries,
             "retry": _retry,
         }[args.command]
@@ -216,7 +231,15 @@ def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> in
         )
         print(f"updated {view.key}")
         return EXIT_OK
-    status = {"pause": AUDIENCE_PAUSED, "resume": AUDIENCE_ACTIVE, "delete": AUDIENCE_DELETED}
+    if command == "delete":
+        from syncer.sync import retire_audience
+
+        result = retire_audience(state, settings, args.key, unset=args.unset)
+        if result is not None:
+            print(_describe(result))
+        print(f"{args.key}: deleted; its key is never reused")
+        return EXIT_OK if result is None or result.status == "succeeded" else EXIT_FAILED
+    status = {"pause": AUDIENCE_PAUSED, "resume": AUDIENCE_ACTIVE}
     view = audiences.set_status(state, args.key, status[command])
     print(f"{view.key}: {view.status}")
     return EXIT_OK
@@ -268,7 +291,7 @@ def _describe(r: RunResult) -> str:
         f"+{r.added} -{r.removed}, sent {r.sent}, failed {r.failed} in {r.seconds:.1f}s"
     )
     if r.skipped:
-        text += f" ({r.skipped} blank or invalid ids skipped)"
+        text += f" ({r.skipped} ids skipped: blank, invalid or deleted users)"
     if r.error:
         text += f"\n  {r.error}"
     return text
@@ -330,6 +353,30 @@ def _retry(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
         if r.totals.not_delivered:
             code = EXIT_FAILED
     return code
+
+
+def _users(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    from syncer import privacy
+
+    if args.users_command == "restore":
+        if not args.user_id.strip():
+            raise UsageError("the user id is empty")
+        lifted = privacy.restore_user(state, args.user_id)
+        print("restored: later runs may sync this user again" if lifted else "not suppressed")
+        return EXIT_OK
+    user_ids = privacy.read_user_ids(args.user_ids, args.file)
+    targets = settings.tray.require_urls()
+    from syncer.delivery import register_destinations
+
+    destinations = register_destinations(state, targets)
+    queued = privacy.delete_users(state, user_ids, [d.id for d in destinations])
+    print(f"{len(user_ids)} users deleted and suppressed; {queued} delete messages queued")
+    totals = privacy.forward_deletes(state, settings)
+    print(
+        f"delete messages: sent {totals.sent}, failed {totals.failed}, "
+        f"still owed {totals.retry_later}"
+    )
+    return EXIT_OK if totals.not_delivered == 0 else EXIT_FAILED
 
 
 def _history(args: argparse.Namespace, state: Engine, settings: Settings) -> int:

@@ -33,7 +33,13 @@ from syncer.models import (
     owed,
 )
 from syncer.settings import TraySettings, format_duration
-from syncer.tray import TrayClient, identify_body, identify_message_id
+from syncer.tray import (
+    TrayClient,
+    delete_body,
+    delete_message_id,
+    identify_body,
+    identify_message_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +116,12 @@ class DeliveryTotals:
 @dataclass(frozen=True, kw_only=True)
 class _Pending:
     id: int
-    run_id: int
+    run_id: int | None
+    deletion_id: int | None
     user_id: str
     value: bool
     created_at: datetime
+    owed_since: datetime
     attempts: int
 
 
@@ -179,14 +187,14 @@ class _Recorder:
 
 
 def expire_overdue(
-    engine: Engine, audience_id: int, destination_ids: Sequence[int], tray: TraySettings
+    engine: Engine, audience_id: int | None, destination_ids: Sequence[int], tray: TraySettings
 ) -> None:
     """Deliveries still owed past ``max_age`` are given up: failed, with the reason."""
     cutoff = datetime.now(UTC) - timedelta(seconds=tray.max_age_seconds)
     with write_transaction(engine) as conn:
         conn.execute(
             update(D)
-            .where(owed(audience_id, destination_ids), D.c.created_at < cutoff)
+            .where(owed(audience_id, destination_ids), D.c.owed_since < cutoff)
             .values(
                 status=DELIVERY_FAILED,
                 last_error=f"not delivered within max_age ({format_duration(tray.max_age_seconds)})",
@@ -194,7 +202,7 @@ def expire_overdue(
         )
 
 
-def postpone(engine: Engine, audience_id: int, destination_id: int, until: datetime) -> None:
+def postpone(engine: Engine, audience_id: int | None, destination_id: int, until: datetime) -> None:
     """A URL that keeps failing: everything owed to it waits for the next pass together."""
     with write_transaction(engine) as conn:
         conn.execute(
@@ -205,7 +213,7 @@ def postpone(engine: Engine, audience_id: int, destination_id: int, until: datet
 
 
 def count_pending(
-    engine: Engine, audience_id: int, destination_ids: Sequence[int], due: datetime | None
+    engine: Engine, audience_id: int | None, destination_ids: Sequence[int], due: datetime | None
 ) -> int:
     query = select(func.count()).select_from(D).where(owed(audience_id, destination_ids))
     if due is not None:
@@ -271,16 +279,24 @@ def audiences_owed(engine: Engine, destination_ids: Sequence[int]) -> list[Audie
 
 
 def _read_page(
-    engine: Engine, audience_id: int, destination_id: int, after_id: int, due: datetime | None
+    engine: Engine,
+    audience_id: int | None,
+    destination_id: int,
+    after_id: int,
+    due: datetime | None,
 ) -> list[_Pending]:
     query = (
-        select(D.c.id, D.c.run_id, D.c.user_id, D.c.trait_value, D.c.created_at, D.c.attempts)
-        .where(
-            D.c.status == DELIVERY_PENDING,
-            D.c.audience_id == audience_id,
-            D.c.destination_id == destination_id,
-            D.c.id > after_id,
+        select(
+            D.c.id,
+            D.c.run_id,
+            D.c.deletion_id,
+            D.c.user_id,
+            D.c.trait_value,
+            D.c.created_at,
+            D.c.owed_since,
+            D.c.attempts,
         )
+        .where(owed(audience_id, [destination_id]), D.c.id > after_id)
         .order_by(D.c.id)
         .limit(PAGE_SIZE)
     )
@@ -292,9 +308,11 @@ def _read_page(
         _Pending(
             id=r.id,
             run_id=r.run_id,
+            deletion_id=r.deletion_id,
             user_id=r.user_id,
             value=bool(r.trait_value),
             created_at=r.created_at,
+            owed_since=r.owed_since,
             attempts=r.attempts,
         )
         for r in rows
@@ -356,7 +374,7 @@ async def _send_with_retries(
             )
         except DeliveryError as exc:
             now = datetime.now(UTC)
-            if attempts >= tray.max_attempts or now - row.created_at >= timedelta(
+            if attempts >= tray.max_attempts or now - row.owed_since >= timedelta(
                 seconds=tray.max_age_seconds
             ):
                 return Outcome(
@@ -394,9 +412,28 @@ async def _pause(seconds: float, stop: threading.Event | None) -> bool:
     return stop is None or not stop.is_set()
 
 
+def _body(audience: Audience | None, row: _Pending) -> bytes:
+    if audience is None:
+        assert row.deletion_id is not None
+        return delete_body(
+            user_id=row.user_id,
+            message_id=delete_message_id(row.deletion_id),
+            timestamp=row.created_at,
+        )
+    assert row.run_id is not None
+    return identify_body(
+        user_id=row.user_id,
+        audience_key=audience.key,
+        audience_id=audience.id,
+        value=row.value,
+        message_id=identify_message_id(audience.id, row.run_id, row.user_id),
+        timestamp=row.created_at,
+    )
+
+
 async def deliver_audience(
     engine: Engine,
-    audience: Audience,
+    audience: Audience | None,
     targets: Sequence[Target],
     tray: TraySettings,
     *,
@@ -404,7 +441,8 @@ async def deliver_audience(
     stop: threading.Event | None = None,
     due_only: bool = False,
 ) -> DeliveryTotals:
-    """Send the pending identifies of this audience to each configured URL.
+    """Send the pending identifies of this audience (None: the user deletions) to each
+    configured URL.
 
     ``due_only`` sends only rows whose backoff has passed (the background retry); a run sends
     everything owed. When ``stop`` is set (shutdown), no new call starts: what was not sent
@@ -413,10 +451,12 @@ async def deliver_audience(
     if not targets:
         return DeliveryTotals()
     target_ids = [t.id for t in targets]
+    audience_id = audience.id if audience else None
+    label = audience.key if audience else "user deletions"
     due = datetime.now(UTC) if due_only else None
-    total = await asyncio.to_thread(count_pending, engine, audience.id, target_ids, due)
+    total = await asyncio.to_thread(count_pending, engine, audience_id, target_ids, due)
     recorder = _Recorder(engine=engine, tray=tray)
-    await asyncio.to_thread(expire_overdue, engine, audience.id, target_ids, tray)
+    await asyncio.to_thread(expire_overdue, engine, audience_id, target_ids, tray)
     if total == 0:
         return recorder.totals
     if progress:
@@ -446,7 +486,7 @@ async def deliver_audience(
             after = 0
             while not halted() and (
                 page := await asyncio.to_thread(
-                    _read_page, engine, audience.id, target.id, after, due
+                    _read_page, engine, audience_id, target.id, after, due
                 )
             ):
                 for row in page:
@@ -459,28 +499,21 @@ async def deliver_audience(
             while (row := await queue.get()) is not None:
                 if halted():
                     continue  # stays pending: owed to the next pass
-                body = identify_body(
-                    user_id=row.user_id,
-                    audience_key=audience.key,
-                    audience_id=audience.id,
-                    value=row.value,
-                    message_id=identify_message_id(audience.id, row.run_id, row.user_id),
-                    timestamp=row.created_at,
-                )
+                body = _body(audience, row)
                 outcome = await _send_with_retries(client, target.url, body, tray, row, limit, stop)
                 recorder.add(outcome)
                 if breaker.record(outcome):
                     await asyncio.to_thread(
                         postpone,
                         engine,
-                        audience.id,
+                        audience_id,
                         target.id,
                         datetime.now(UTC) + pass_delay(outcome.attempts, tray),
                     )
                     logger.warning(
                         "audience %s: workflow URL %d keeps failing (%s); what it is owed "
                         "waits for the next pass",
-                        audience.key,
+                        label,
                         target.id,
                         outcome.error,
                     )
@@ -503,13 +536,13 @@ async def deliver_audience(
         await flushing
         await asyncio.to_thread(recorder.write, recorder.take())
     logger.debug(
-        "audience %s: %d deliveries in %.1fs",
-        audience.key,
+        "%s: %d deliveries in %.1fs",
+        label,
         recorder.done,
         time.monotonic() - started,
     )
     recorder.totals.retry_later = await asyncio.to_thread(
-        count_pending, engine, audience.id, target_ids, None
+        count_pending, engine, audience_id, target_ids, None
     )
     if progress:
         progress(recorder.done, total)

@@ -36,6 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
+from syncer import privacy
 from syncer.models import (
     DELIVERIES,
     DELIVERY_CANCELLED,
@@ -92,6 +93,7 @@ class Staged:
 class Diff:
     added: int
     removed: int
+    suppressed: int = 0  # deleted users the source still returns: never synced in
 
 
 def reset_temp_tables(conn: Connection) -> None:
@@ -100,11 +102,16 @@ def reset_temp_tables(conn: Connection) -> None:
             table.drop(conn, checkfirst=True)
 
 
-def stage(conn: Connection, source: Source, sql: str) -> Staged:
-    """Evaluate the definition on its source and load the ids into ``syncer_staged``."""
+def stage(conn: Connection, source: Source | None, sql: str) -> Staged:
+    """Evaluate the definition on its source and load the ids into ``syncer_staged``.
+
+    Without a source the audience is being retired: its new snapshot is empty.
+    """
     reset_temp_tables(conn)
     with conn.begin():
         STAGED.create(conn)
+    if source is None:
+        return Staged(members=0, skipped=0)
     if source.same_as_state:
         return _stage_in_place(conn, source, sql)
     return _stage_streamed(conn, source, sql)
@@ -225,10 +232,33 @@ def compute(conn: Connection, audience_id: int) -> Diff:
                 ),
             )
         )
+        suppressed = _drop_deleted_users(conn)
         counts: dict[bool, int] = dict(
             conn.execute(select(CHANGES.c.entered, func.count()).group_by(CHANGES.c.entered)).all()
         )
-    return Diff(added=int(counts.get(True, 0)), removed=int(counts.get(False, 0)))
+    return Diff(
+        added=int(counts.get(True, 0)), removed=int(counts.get(False, 0)), suppressed=suppressed
+    )
+
+
+def _drop_deleted_users(conn: Connection) -> int:
+    """Deleted users are purged from memberships, so they can only show up as entering:
+    hash those ids (in batches; ids are stored only hashed) and drop the suppressed ones."""
+    hashes = privacy.suppressed_hashes(conn)
+    if not hashes:
+        return 0
+    salt_value = privacy.salt_of(conn)
+    entering = conn.execution_options(yield_per=STREAM_BATCH).execute(
+        select(CHANGES.c.user_id).where(CHANGES.c.entered == true())
+    )
+    dropped = [
+        user_id
+        for user_id in entering.scalars()
+        if privacy.user_hash(salt_value, user_id) in hashes
+    ]
+    for start in range(0, len(dropped), 500):
+        conn.execute(delete(CHANGES).where(CHANGES.c.user_id.in_(dropped[start : start + 500])))
+    return len(dropped)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -334,10 +364,10 @@ def commit_snapshot(
             update(SyncRun)
             .where(SyncRun.id == run_id)
             .values(
-                members=staged.members,
+                members=staged.members - diff.suppressed,
                 added=diff.added,
                 removed=diff.removed,
-                skipped_ids=staged.skipped,
+                skipped_ids=staged.skipped + diff.suppressed,
                 committed_at=now,
             )
         )
@@ -416,6 +446,7 @@ def _enqueue(
                 "status",
                 "attempts",
                 "created_at",
+                "owed_since",
                 "next_attempt_at",
             ],
             select(
@@ -428,6 +459,7 @@ def _enqueue(
                 literal(DELIVERY_PENDING),
                 literal(0),
                 literal(now, D.c.created_at.type),
+                literal(now, D.c.owed_since.type),
                 literal(now, D.c.next_attempt_at.type),
             ).select_from(sub),
         )

@@ -7,13 +7,14 @@ flag) is bound once when the service starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from syncer import audiences, leases
+from syncer import audiences, leases, privacy
 from syncer.delivery import audiences_owed, deliver_audience, register_destinations
 from syncer.errors import AudienceError, LeaseHeldError
 from syncer.models import AUDIENCE_ACTIVE
@@ -62,11 +63,14 @@ def run_audience(audience_id: int) -> None:
 
 
 def retry_owed() -> None:
-    """Send deliveries whose retry time has come, between the audiences' own runs."""
+    """Send deliveries whose retry time has come, between the audiences' own runs,
+    and the user deletions owed."""
     ctx = _bound()
     targets = register_destinations(ctx.state, ctx.settings.tray.workflow_urls)
     if not targets:
         return
+    with contextlib.suppress(LeaseHeldError):  # a `syncer users delete` is sending them
+        privacy.forward_deletes(ctx.state, ctx.settings, stop=ctx.stopping, due_only=True)
     for audience in audiences_owed(ctx.state, [t.id for t in targets]):
         if ctx.stopping.is_set():
             return

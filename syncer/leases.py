@@ -39,6 +39,7 @@ AUDIENCE_RENEW_SECONDS = 10.0
 LEADER_LEASE_TTL = timedelta(seconds=20)
 LEADER_RENEW_SECONDS = 5.0
 SCHEDULER_LEASE = "scheduler"
+DELETIONS_LEASE = "user-deletions"
 HOST = socket.gethostname()[:255]
 INTERRUPTED_ERROR = "the process running it stopped before it finished"
 
@@ -82,6 +83,12 @@ class _Kind:
 AUDIENCE = _Kind(
     table=SYNC_LEASES,
     key=SYNC_LEASES.c.audience_id,
+    ttl=AUDIENCE_LEASE_TTL,
+    renew_seconds=AUDIENCE_RENEW_SECONDS,
+)
+DELETIONS = _Kind(
+    table=SERVICE_LEASES,
+    key=SERVICE_LEASES.c.name,
     ttl=AUDIENCE_LEASE_TTL,
     renew_seconds=AUDIENCE_RENEW_SECONDS,
 )
@@ -201,6 +208,17 @@ def acquire(engine: Engine, audience_id: int, audience_key: str) -> Lease:
     raise LeaseHeldError(
         f"audience {audience_key!r} is being synced right now by "
         f"{taken.holder_host} pid {taken.holder_pid}; try again when it finishes"
+    )
+
+
+def acquire_deletions(engine: Engine) -> Lease:
+    """The right to send the user-deletion queue (one sender at a time, like an audience)."""
+    taken = _take(DELETIONS, engine, DELETIONS_LEASE)
+    if isinstance(taken, Lease):
+        return taken
+    raise LeaseHeldError(
+        f"user deletions are being sent right now by {taken.holder_host} pid "
+        f"{taken.holder_pid}; they will be sent, try again later to see the outcome"
     )
 
 

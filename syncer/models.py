@@ -207,18 +207,24 @@ class Delivery(Base):
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        CheckConstraint("kind IN ('identify', 'delete')", name="kind"),
+        CheckConstraint(
+            "(kind = 'identify' AND audience_id IS NOT NULL AND run_id IS NOT NULL)"
+            " OR (kind = 'delete' AND deletion_id IS NOT NULL)",
+            name="kind",
+        ),
         CheckConstraint(
             "status IN ('pending', 'sent', 'failed', 'superseded', 'cancelled')", name="status"
         ),
         Index(None, "status", "audience_id", "destination_id", "id"),
         Index(None, "audience_id", "user_id"),
         Index(None, "run_id", "status"),
+        Index(None, "deletion_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("sync_runs.id"))
-    audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("sync_runs.id"))
+    audience_id: Mapped[int | None] = mapped_column(ForeignKey("audiences.id"))
+    deletion_id: Mapped[int | None] = mapped_column(ForeignKey("user_deletions.id"))
     destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id"))
     user_id: Mapped[str] = mapped_column(exact_string(USER_ID_LENGTH))
     kind: Mapped[str] = mapped_column(String(16))
@@ -226,11 +232,36 @@ class Delivery(Base):
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    owed_since: Mapped[datetime] = mapped_column(UTCDateTime)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class UserDeletion(Base):
+    """A request to delete a user, for auditors: keyed by a salted hash, never the id.
+
+    While ``restored_at`` is NULL the user is suppressed: runs never sync them into an
+    audience again. What became of the delete message per URL is in ``deliveries``.
+    """
+
+    __tablename__ = "user_deletions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_hash: Mapped[str] = mapped_column(String(64), index=True)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    restored_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Setting(Base):
+    """Values syncer keeps for itself, such as the salt of user hashes."""
+
+    __tablename__ = "syncer_settings"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
 
 
 class SyncLease(Base):
@@ -261,12 +292,12 @@ class ServiceLease(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-def owed(audience_id: int, destination_ids: Sequence[int]) -> ColumnElement[bool]:
-    """Deliveries of an audience still owed to some workflow URLs."""
+def owed(audience_id: int | None, destination_ids: Sequence[int]) -> ColumnElement[bool]:
+    """Deliveries of an audience (None: user deletions) still owed to some workflow URLs."""
     d = DELIVERIES.c
     return and_(
         d.status == DELIVERY_PENDING,
-        d.audience_id == audience_id,
+        d.audience_id.is_(None) if audience_id is None else d.audience_id == audience_id,
         d.destination_id.in_(destination_ids),
     )
 
@@ -280,3 +311,5 @@ MEMBERSHIPS = _table(Membership)
 DELIVERIES = _table(Delivery)
 SYNC_LEASES = _table(SyncLease)
 SERVICE_LEASES = _table(ServiceLease)
+USER_DELETIONS = _table(UserDeletion)
+SYNCER_SETTINGS = _table(Setting)

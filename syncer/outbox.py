@@ -121,7 +121,7 @@ def requeue_failed(engine: Engine, destination_ids: list[int], key: str | None =
                 .values(
                     status=DELIVERY_PENDING,
                     attempts=0,
-                    created_at=now,
+                    owed_since=now,
                     next_attempt_at=now,
                     last_error=None,
                 )

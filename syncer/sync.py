@@ -38,6 +38,7 @@ from syncer.delivery import (
 from syncer.errors import LeaseHeldError, SourceError, UsageError
 from syncer.models import (
     AUDIENCE_ACTIVE,
+    AUDIENCE_DELETED,
     RUN_FAILED,
     RUN_INCREMENTAL,
     RUN_INITIAL,
@@ -106,10 +107,12 @@ def run_audience(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     wait: bool = False,
+    retiring: bool = False,
 ) -> RunResult:
     """One run: lease, evaluate + stage + diff + commit, deliver, finish.
 
-    ``stop`` (a shutdown) ends delivery early; what was not sent stays owed.
+    ``stop`` (a shutdown) ends delivery early; what was not sent stays owed. ``retiring``
+    makes this the audience's last run, which tells every member ``false``.
     """
     targets = register_destinations(state, settings.tray.workflow_urls)
     while True:
@@ -127,7 +130,7 @@ def run_audience(
                 )
             time.sleep(WAIT_POLL_SECONDS)
     try:
-        result = _run_leased(state, settings, audience, targets, progress, stop)
+        result = _run_leased(state, settings, audience, targets, progress, stop, retiring)
     finally:
         lease.release()
     logger.info(
@@ -154,11 +157,14 @@ def _run_leased(
     targets: list[Target],
     progress: Progress | None,
     stop: threading.Event | None,
+    retiring: bool = False,
 ) -> RunResult:
     started = time.monotonic()
     run_id, kind = start_run(state, audience.id)
     try:
-        staged, changes = evaluate_and_commit(state, settings, audience, run_id, targets)
+        staged, changes = evaluate_and_commit(
+            state, settings, audience, run_id, targets, retiring=retiring
+        )
         totals = asyncio.run(
             deliver_audience(
                 state,
@@ -198,10 +204,10 @@ def _run_leased(
         audience_key=audience.key,
         kind=kind,
         status=status,
-        members=staged.members,
+        members=staged.members - changes.suppressed,
         added=changes.added,
         removed=changes.removed,
-        skipped=staged.skipped,
+        skipped=staged.skipped + changes.suppressed,
         sent=totals.sent,
         failed=totals.not_delivered,
         seconds=time.monotonic() - started,
@@ -210,10 +216,20 @@ def _run_leased(
 
 
 def evaluate_and_commit(
-    state: Engine, settings: Settings, audience: AudienceView, run_id: int, targets: list[Target]
+    state: Engine,
+    settings: Settings,
+    audience: AudienceView,
+    run_id: int,
+    targets: list[Target],
+    *,
+    retiring: bool = False,
 ) -> tuple[diff.Staged, diff.Diff]:
-    """Steps 2 to 4 on one state connection (the staged ids live in its temporary tables)."""
-    source = open_source(settings, audience.source)
+    """Steps 2 to 4 on one state connection (the staged ids live in its temporary tables).
+
+    ``retiring``: the audience is being deleted with --unset; its last snapshot is empty, so
+    every current member gets ``false``.
+    """
+    source = None if retiring else open_source(settings, audience.source)
     try:
         with state.connect() as conn:
             try:
@@ -230,8 +246,29 @@ def evaluate_and_commit(
             finally:
                 diff.reset_temp_tables(conn)
     finally:
-        source.engine.dispose()
+        if source is not None:
+            source.engine.dispose()
     return staged, changes
+
+
+def retire_audience(
+    state: Engine, settings: Settings, key: str, *, unset: bool, wait: bool = False
+) -> RunResult | None:
+    """``audience delete``: stop scheduling it and retire its key forever.
+
+    With ``unset`` a last run first tells every current member ``false`` (the audience is
+    marked deleted before, so no scheduled run can add members back meanwhile; running it
+    again on a deleted audience finishes an unset a crash cut short). Without it, what the
+    audience still owed is cancelled.
+    """
+    view = audiences.get(state, key, include_deleted=unset)
+    if view.status != AUDIENCE_DELETED:
+        audiences.set_status(state, key, AUDIENCE_DELETED)
+    if not unset:
+        audiences.cancel_owed(state, view.id)
+        return None
+    settings.tray.require_urls()
+    return run_audience(state, settings, view, wait=wait, retiring=True)
 
 
 def _delivery_error(totals: DeliveryTotals) -> str | None:

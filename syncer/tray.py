@@ -39,6 +39,11 @@ def identify_message_id(audience_id: int, run_id: int, user_id: str) -> str:
     return str(uuid.uuid5(MESSAGE_NAMESPACE, f"identify/{audience_id}/{run_id}/{user_id}"))
 
 
+def delete_message_id(deletion_id: int) -> str:
+    """Stable per deletion request: the same on every retry and every URL."""
+    return str(uuid.uuid5(MESSAGE_NAMESPACE, f"delete/{deletion_id}"))
+
+
 def _encode(message: dict[str, Any]) -> bytes:
     body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
     if len(body) > MAX_BODY_BYTES:

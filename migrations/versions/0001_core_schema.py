@@ -61,6 +61,23 @@ def upgrade() -> None:
         sa.UniqueConstraint("url", name=op.f("uq_destinations_url")),
     )
     op.create_table(
+        "user_deletions",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("user_hash", sa.String(length=64), nullable=False),
+        sa.Column("requested_at", UTC_DATETIME, nullable=False),
+        sa.Column("restored_at", UTC_DATETIME, nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_user_deletions")),
+    )
+    op.create_index(
+        op.f("ix_user_deletions_user_hash"), "user_deletions", ["user_hash"], unique=False
+    )
+    op.create_table(
+        "syncer_settings",
+        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.Column("value", sa.String(length=255), nullable=False),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_syncer_settings")),
+    )
+    op.create_table(
         "service_leases",
         sa.Column("name", sa.String(length=100), nullable=False),
         sa.Column("token", sa.String(length=64), nullable=False),
@@ -143,8 +160,9 @@ def upgrade() -> None:
     op.create_table(
         "deliveries",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
-        sa.Column("run_id", sa.Integer(), nullable=False),
-        sa.Column("audience_id", sa.Integer(), nullable=False),
+        sa.Column("run_id", sa.Integer(), nullable=True),
+        sa.Column("audience_id", sa.Integer(), nullable=True),
+        sa.Column("deletion_id", sa.Integer(), nullable=True),
         sa.Column("destination_id", sa.Integer(), nullable=False),
         sa.Column("user_id", exact_string(255), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
@@ -152,12 +170,17 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("created_at", UTC_DATETIME, nullable=False),
+        sa.Column("owed_since", UTC_DATETIME, nullable=False),
         sa.Column("next_attempt_at", UTC_DATETIME, nullable=False),
         sa.Column("last_attempt_at", UTC_DATETIME, nullable=True),
         sa.Column("delivered_at", UTC_DATETIME, nullable=True),
         sa.Column("last_status_code", sa.Integer(), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.CheckConstraint("kind IN ('identify', 'delete')", name=op.f("ck_deliveries_kind")),
+        sa.CheckConstraint(
+            "(kind = 'identify' AND audience_id IS NOT NULL AND run_id IS NOT NULL)"
+            " OR (kind = 'delete' AND deletion_id IS NOT NULL)",
+            name=op.f("ck_deliveries_kind"),
+        ),
         sa.CheckConstraint(
             "status IN ('pending', 'sent', 'failed', 'superseded', 'cancelled')",
             name=op.f("ck_deliveries_status"),
@@ -173,6 +196,11 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["run_id"], ["sync_runs.id"], name=op.f("fk_deliveries_run_id_sync_runs")
         ),
+        sa.ForeignKeyConstraint(
+            ["deletion_id"],
+            ["user_deletions.id"],
+            name=op.f("fk_deliveries_deletion_id_user_deletions"),
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
     )
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
@@ -183,6 +211,9 @@ def upgrade() -> None:
         )
         batch_op.create_index(
             batch_op.f("ix_deliveries_run_id_status"), ["run_id", "status"], unique=False
+        )
+        batch_op.create_index(
+            batch_op.f("ix_deliveries_deletion_id"), ["deletion_id"], unique=False
         )
         batch_op.create_index(
             batch_op.f("ix_deliveries_status_audience_id_destination_id_id"),
@@ -230,6 +261,8 @@ def downgrade() -> None:
         "sync_runs",
         "sync_leases",
         "service_leases",
+        "syncer_settings",
+        "user_deletions",
         "destinations",
         "audiences",
     ):

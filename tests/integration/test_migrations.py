@@ -26,6 +26,8 @@ STATE_TABLES = {
     "destinations",
     "memberships",
     "service_leases",
+    "syncer_settings",
+    "user_deletions",
     "sync_leases",
     "sync_runs",
 }

@@ -1,0 +1,244 @@
+"""User deletion: forward a delete to Tray, purge the user, suppress them from then on.
+
+A deletion request is kept for auditors in ``user_deletions``, keyed by a salted SHA-256 of the
+user id, never the id itself. The delete message travels through the same durable outbox as
+identifies (``deliveries`` rows of kind ``delete``); its row holds the raw id only while it is
+owed, and the hash once every URL has answered. Membership rows of the user are deleted, their
+identify deliveries keep only the hash, and runs never sync the user into an audience again
+until ``syncer users restore``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, delete, exists, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from syncer import leases
+from syncer.db import write_transaction
+from syncer.delivery import DeliveryTotals, deliver_audience, register_destinations
+from syncer.errors import UsageError
+from syncer.models import (
+    AUDIENCES,
+    DELIVERIES,
+    DELIVERY_CANCELLED,
+    DELIVERY_PENDING,
+    KIND_DELETE,
+    KIND_IDENTIFY,
+    MEMBERSHIPS,
+    SYNCER_SETTINGS,
+    USER_DELETIONS,
+    USER_ID_LENGTH,
+)
+from syncer.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SALT_SETTING = "user_hash_salt"
+HASHED_PREFIX = "sha256:"
+BATCH = 500
+D = DELIVERIES
+
+
+def read_user_ids(ids: Sequence[str], file: str | None) -> list[str]:
+    """User ids from the command line and/or a file (one a line); refuses blanks."""
+    found = list(ids)
+    if file is not None:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read user ids from {file!r}: {exc}") from None
+        found.extend(line.strip() for line in text.splitlines() if line.strip())
+    if not found:
+        raise UsageError("give at least one user id, or --file with one id a line")
+    for user_id in found:
+        if not user_id.strip():
+            raise UsageError("an empty user id was given; every id must have characters")
+        if len(user_id) > USER_ID_LENGTH:
+            raise UsageError(f"a user id is longer than {USER_ID_LENGTH} characters")
+    return list(dict.fromkeys(found))
+
+
+def salt_of(conn: Connection) -> str:
+    """The salt, once made (a suppression exists only after a deletion made it)."""
+    value = conn.execute(
+        select(SYNCER_SETTINGS.c.value).where(SYNCER_SETTINGS.c.name == SALT_SETTING)
+    ).scalar()
+    return "" if value is None else str(value)
+
+
+def salt(engine: Engine) -> str:
+    """This installation's salt for user hashes, made on first use."""
+    with engine.connect() as conn:
+        value = salt_of(conn)
+    if value:
+        return value
+    try:
+        with write_transaction(engine) as conn:
+            conn.execute(
+                insert(SYNCER_SETTINGS).values(name=SALT_SETTING, value=secrets.token_hex(16))
+            )
+    except IntegrityError:
+        pass  # another process made it first
+    return salt(engine)
+
+
+def user_hash(salt_value: str, user_id: str) -> str:
+    return hashlib.sha256((salt_value + user_id).encode()).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeletionResult:
+    users: int
+    deletions_queued: int
+
+
+def delete_users(engine: Engine, user_ids: Iterable[str], destination_ids: Sequence[int]) -> int:
+    """Record the requests, purge and suppress the users, and queue a delete per URL.
+
+    All of it in one transaction per batch of users: a crash leaves each user either fully
+    deleted (the deletes owed) or untouched. Returns the number of delete messages queued.
+    """
+    salt_value = salt(engine)
+    ids = list(user_ids)
+    queued = 0
+    with engine.connect() as conn:
+        audience_ids = list(conn.execute(select(AUDIENCES.c.id)).scalars())
+    for start in range(0, len(ids), BATCH):
+        with write_transaction(engine) as conn:
+            for user_id in ids[start : start + BATCH]:
+                queued += _delete_one(
+                    conn, user_id, user_hash(salt_value, user_id), audience_ids, destination_ids
+                )
+    return queued
+
+
+def _delete_one(
+    conn: Connection,
+    user_id: str,
+    hashed: str,
+    audience_ids: list[int],
+    destination_ids: Sequence[int],
+) -> int:
+    now = datetime.now(UTC)
+    deletion_id = conn.execute(
+        insert(USER_DELETIONS)
+        .values(user_hash=hashed, requested_at=now)
+        .returning(USER_DELETIONS.c.id)
+    ).scalar_one()
+    if audience_ids:
+        in_audiences = D.c.audience_id.in_(audience_ids)
+        conn.execute(
+            delete(MEMBERSHIPS).where(
+                MEMBERSHIPS.c.audience_id.in_(audience_ids), MEMBERSHIPS.c.user_id == user_id
+            )
+        )
+        # An identify still owed must not reach Tray after the delete.
+        conn.execute(
+            update(D)
+            .where(in_audiences, D.c.user_id == user_id, D.c.status == DELIVERY_PENDING)
+            .values(status=DELIVERY_CANCELLED, last_error="the user was deleted")
+        )
+        conn.execute(
+            update(D)
+            .where(in_audiences, D.c.user_id == user_id, D.c.kind == KIND_IDENTIFY)
+            .values(user_id=HASHED_PREFIX + hashed)
+        )
+    for destination_id in destination_ids:
+        conn.execute(
+            insert(D).values(
+                deletion_id=deletion_id,
+                destination_id=destination_id,
+                user_id=user_id,
+                kind=KIND_DELETE,
+                status=DELIVERY_PENDING,
+                attempts=0,
+                created_at=now,
+                owed_since=now,
+                next_attempt_at=now,
+            )
+        )
+    return len(destination_ids)
+
+
+def forward_deletes(
+    engine: Engine,
+    settings: Settings,
+    *,
+    stop: threading.Event | None = None,
+    due_only: bool = False,
+) -> DeliveryTotals:
+    """Send the delete messages owed, then keep only hashes of those no URL is owed."""
+    targets = register_destinations(engine, settings.tray.require_urls())
+    lease = leases.acquire_deletions(engine)
+    try:
+        totals = asyncio.run(
+            deliver_audience(engine, None, targets, settings.tray, stop=stop, due_only=due_only)
+        )
+    finally:
+        lease.release()
+    hash_finished_deletes(engine)
+    return totals
+
+
+def hash_finished_deletes(engine: Engine) -> int:
+    """Delete messages no URL is owed any more keep the hash, not the id."""
+    owed_elsewhere = exists().where(
+        D.c.deletion_id == USER_DELETIONS.c.id, D.c.status == DELIVERY_PENDING
+    )
+    with write_transaction(engine) as conn:
+        finished = conn.execute(
+            select(USER_DELETIONS.c.id, USER_DELETIONS.c.user_hash).where(
+                ~owed_elsewhere,
+                exists().where(
+                    D.c.deletion_id == USER_DELETIONS.c.id,
+                    ~D.c.user_id.startswith(HASHED_PREFIX),
+                ),
+            )
+        ).all()
+        for deletion_id, hashed in finished:
+            conn.execute(
+                update(D)
+                .where(D.c.deletion_id == deletion_id)
+                .values(user_id=HASHED_PREFIX + hashed)
+            )
+    return len(finished)
+
+
+def restore_user(engine: Engine, user_id: str) -> int:
+    """Lift the suppression of a deleted user; returns how many requests it lifted."""
+    hashed = user_hash(salt(engine), user_id)
+    with write_transaction(engine) as conn:
+        return int(
+            conn.execute(
+                update(USER_DELETIONS)
+                .where(USER_DELETIONS.c.user_hash == hashed, USER_DELETIONS.c.restored_at.is_(None))
+                .values(restored_at=datetime.now(UTC))
+            ).rowcount
+            or 0
+        )
+
+
+def suppressed_hashes(conn: Connection) -> set[str]:
+    return set(
+        conn.execute(
+            select(USER_DELETIONS.c.user_hash).where(USER_DELETIONS.c.restored_at.is_(None))
+        ).scalars()
+    )
+
+
+def count_suppressed(conn: Connection) -> int:
+    return int(
+        conn.execute(
+            select(func.count()).where(USER_DELETIONS.c.restored_at.is_(None))
+        ).scalar_one()
+    )
