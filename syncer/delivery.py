@@ -132,6 +132,23 @@ class _Recorder:
     outcomes: list[Outcome] = field(default_factory=list)
     totals: DeliveryTotals = field(default_factory=DeliveryTotals)
     done: int = 0
+    # Calls started whose outcome is not committed yet: what a crash would send again.
+    exposed: int = 0
+
+    async def expose(self, limit: int) -> None:
+        """Wait until another call may start without more than ``limit`` exposed calls."""
+        while self.exposed >= limit:
+            if self.outcomes:
+                await self.flush()
+            else:
+                await asyncio.sleep(0.005)
+        self.exposed += 1
+
+    async def flush(self) -> None:
+        batch = self.take()
+        if batch:
+            await asyncio.to_thread(self.write, batch)
+            self.exposed -= len(batch)
 
     def add(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
@@ -188,17 +205,20 @@ class _Recorder:
 
 def expire_overdue(
     engine: Engine, audience_id: int | None, destination_ids: Sequence[int], tray: TraySettings
-) -> None:
+) -> int:
     """Deliveries still owed past ``max_age`` are given up: failed, with the reason."""
     cutoff = datetime.now(UTC) - timedelta(seconds=tray.max_age_seconds)
     with write_transaction(engine) as conn:
-        conn.execute(
-            update(D)
-            .where(owed(audience_id, destination_ids), D.c.owed_since < cutoff)
-            .values(
-                status=DELIVERY_FAILED,
-                last_error=f"not delivered within max_age ({format_duration(tray.max_age_seconds)})",
-            )
+        return (
+            conn.execute(
+                update(D)
+                .where(owed(audience_id, destination_ids), D.c.owed_since < cutoff)
+                .values(
+                    status=DELIVERY_FAILED,
+                    last_error=f"not delivered within max_age ({format_duration(tray.max_age_seconds)})",
+                )
+            ).rowcount
+            or 0
         )
 
 
@@ -223,11 +243,12 @@ def count_pending(
 
 
 class RateLimit:
-    """A token bucket: at most ``rate`` calls a second to one URL, bursts up to ``rate``."""
+    """At most ``rate`` calls a second to one URL: calls start at least 1/rate apart
+    (a token bucket holding one token, so no second ever sees more than ``rate``)."""
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.tokens = rate
+        self.tokens = 1.0
         self.updated = time.monotonic()
         self._lock = asyncio.Lock()
 
@@ -235,7 +256,7 @@ class RateLimit:
         async with self._lock:
             while True:
                 now = time.monotonic()
-                self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
+                self.tokens = min(1.0, self.tokens + (now - self.updated) * self.rate)
                 self.updated = now
                 if self.tokens >= 1:
                     self.tokens -= 1
@@ -456,7 +477,9 @@ async def deliver_audience(
     due = datetime.now(UTC) if due_only else None
     total = await asyncio.to_thread(count_pending, engine, audience_id, target_ids, due)
     recorder = _Recorder(engine=engine, tray=tray)
-    await asyncio.to_thread(expire_overdue, engine, audience_id, target_ids, tray)
+    recorder.totals.failed += await asyncio.to_thread(
+        expire_overdue, engine, audience_id, target_ids, tray
+    )
     if total == 0:
         return recorder.totals
     if progress:
@@ -464,13 +487,16 @@ async def deliver_audience(
     stop_flushing = asyncio.Event()
     # Calls answered but not yet recorded are sent again after a crash: keep them few,
     # about one round of the concurrency limit.
+    # A crash sends again the calls started but not yet recorded: at most two rounds of the
+    # concurrency limit (calls in flight, and answers being committed).
     flush_every = tray.max_concurrency
+    max_exposed = 2 * tray.max_concurrency * len(targets)
 
     async def flusher() -> None:
         while not stop_flushing.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop_flushing.wait(), FLUSH_EVERY_SECONDS)
-            await asyncio.to_thread(recorder.write, recorder.take())
+            await recorder.flush()
             if progress:
                 progress(recorder.done, total)
 
@@ -500,6 +526,7 @@ async def deliver_audience(
                 if halted():
                     continue  # stays pending: owed to the next pass
                 body = _body(audience, row)
+                await recorder.expose(max_exposed)
                 outcome = await _send_with_retries(client, target.url, body, tray, row, limit, stop)
                 recorder.add(outcome)
                 if breaker.record(outcome):
@@ -518,7 +545,7 @@ async def deliver_audience(
                         outcome.error,
                     )
                 if len(recorder.outcomes) >= flush_every:
-                    await asyncio.to_thread(recorder.write, recorder.take())
+                    await recorder.flush()
 
         await asyncio.gather(reader(), *(sender() for _ in range(tray.max_concurrency)))
 
@@ -534,7 +561,7 @@ async def deliver_audience(
     finally:
         stop_flushing.set()
         await flushing
-        await asyncio.to_thread(recorder.write, recorder.take())
+        await recorder.flush()
     logger.debug(
         "%s: %d deliveries in %.1fs",
         label,

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Engine, and_, exists, select, update
+from sqlalchemy import Engine, and_, exists, or_, select, update
 from sqlalchemy.orm import aliased
 
 from syncer import audiences, leases
@@ -17,12 +17,15 @@ from syncer.db import write_transaction
 from syncer.delivery import Audience, DeliveryTotals, deliver_audience, register_destinations
 from syncer.errors import AudienceError, LeaseHeldError
 from syncer.models import (
+    AUDIENCE_DELETED,
     AUDIENCES,
     DELIVERIES,
     DELIVERY_FAILED,
     DELIVERY_PENDING,
     DELIVERY_SENT,
     DELIVERY_SUPERSEDED,
+    KIND_IDENTIFY,
+    AudienceDestination,
     Destination,
 )
 from syncer.settings import Settings
@@ -98,8 +101,13 @@ def list_deliveries(
 
 
 def requeue_failed(engine: Engine, destination_ids: list[int], key: str | None = None) -> int:
-    """Make failed deliveries to configured URLs owed again, unless a newer change for the same
-    user and URL exists (then the old value must never be sent: it becomes superseded)."""
+    """Make failed identifies to configured URLs owed again (of audiences not deleted).
+
+    A failed value is never sent once something newer stands for that user and URL: a newer
+    change, or the URL's backfill after it was removed and added back. Those become
+    superseded instead. (A failed delete is sent again by running ``users delete`` again: its
+    row keeps only the hash.)
+    """
     now = datetime.now(UTC)
     newer = aliased(D)
     has_newer = exists().where(
@@ -109,11 +117,27 @@ def requeue_failed(engine: Engine, destination_ids: list[int], key: str | None =
         newer.c.id > D.c.id,
         newer.c.status.in_((DELIVERY_PENDING, DELIVERY_SENT, DELIVERY_FAILED)),
     )
-    failed = and_(D.c.status == DELIVERY_FAILED, D.c.destination_id.in_(destination_ids))
+    ad = AudienceDestination
+    before_backfill = exists().where(
+        ad.audience_id == D.c.audience_id,
+        ad.destination_id == D.c.destination_id,
+        ad.since_run_id > D.c.run_id,
+    )
+    live = select(AUDIENCES.c.id).where(AUDIENCES.c.status != AUDIENCE_DELETED)
+    failed = and_(
+        D.c.status == DELIVERY_FAILED,
+        D.c.kind == KIND_IDENTIFY,
+        D.c.destination_id.in_(destination_ids),
+        D.c.audience_id.in_(live.scalar_subquery()),
+    )
     if key is not None:
         failed = and_(failed, D.c.audience_id == audiences.get(engine, key).id)
     with write_transaction(engine) as conn:
-        conn.execute(update(D).where(failed, has_newer).values(status=DELIVERY_SUPERSEDED))
+        conn.execute(
+            update(D)
+            .where(failed, or_(has_newer, before_backfill))
+            .values(status=DELIVERY_SUPERSEDED)
+        )
         return int(
             conn.execute(
                 update(D)
@@ -141,6 +165,8 @@ def retry(
     engine: Engine, settings: Settings, key: str | None = None
 ) -> tuple[int, list[RetryResult]]:
     """``syncer retry``: requeue what failed, then send everything owed now."""
+    if key is not None:
+        audiences.get(engine, key)  # an unknown key is refused before anything is written
     targets = register_destinations(engine, settings.tray.require_urls())
     requeued = requeue_failed(engine, [t.id for t in targets], key)
     results = []

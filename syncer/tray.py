@@ -15,6 +15,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -162,6 +163,12 @@ class TrayClient:
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
+            # The aiohttp transport reports a dropped connection as a connect timeout.
+            cause = exc.__cause__
+            if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
+                cause, aiohttp.ServerTimeoutError | aiohttp.ConnectionTimeoutError
+            ):
+                raise TransientDeliveryError(f"connection error: {_short(exc)}") from None
             raise TransientDeliveryError(f"timeout: {_short(exc)}") from None
         except httpx.TransportError as exc:
             raise TransientDeliveryError(f"connection error: {_short(exc)}") from None
