@@ -261,14 +261,6 @@ def _drop_deleted_users(conn: Connection) -> int:
     return len(dropped)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Outbox:
-    """What one commit queued: deliveries per destination."""
-
-    queued: int
-    backfilled_destinations: tuple[int, ...]
-
-
 def commit_snapshot(
     conn: Connection,
     *,
@@ -277,7 +269,7 @@ def commit_snapshot(
     destination_ids: list[int],
     staged: Staged,
     diff: Diff,
-) -> Outbox:
+) -> None:
     """One transaction: the new snapshot, the run's changes, and the outbox.
 
     Destinations that already hold the audience get the changes; destinations that never got
@@ -287,7 +279,6 @@ def commit_snapshot(
     dialect = conn.dialect.name
     opts = {"sqlite_begin": "IMMEDIATE"} if dialect == "sqlite" else {}
     conn.execution_options(**opts)
-    queued = 0
     with conn.begin():
         known = set(
             conn.execute(
@@ -332,7 +323,7 @@ def commit_snapshot(
                 .values(status=DELIVERY_SUPERSEDED)
             )
         for destination_id in existing:
-            queued += _enqueue(
+            _enqueue(
                 conn,
                 select(CHANGES.c.user_id, CHANGES.c.entered),
                 audience_id=audience_id,
@@ -347,7 +338,7 @@ def commit_snapshot(
                 ),
                 _stale_members(audience_id, destination_id),
             ):
-                queued += _enqueue(
+                _enqueue(
                     conn,
                     backfill,
                     audience_id=audience_id,
@@ -372,7 +363,6 @@ def commit_snapshot(
             )
         )
     conn.execution_options(sqlite_begin="")
-    return Outbox(queued=queued, backfilled_destinations=tuple(new))
 
 
 def _forget_destinations(conn: Connection, audience_id: int, dropped: list[int]) -> None:
@@ -424,17 +414,17 @@ def _has_pending(conn: Connection, audience_id: int) -> bool:
 
 def _enqueue(
     conn: Connection,
-    changes: object,
+    changes: Select[tuple[str, bool]],
     *,
     audience_id: int,
     run_id: int,
     destination_id: int,
     now: datetime,
-) -> int:
-    assert hasattr(changes, "subquery")
+) -> None:
+    """Queue one identify per (user, value) row of ``changes`` for one destination."""
     sub = changes.subquery()
     user_col, value_col = list(sub.c)
-    result = conn.execute(
+    conn.execute(
         insert(D).from_select(
             [
                 "run_id",
@@ -464,4 +454,3 @@ def _enqueue(
             ).select_from(sub),
         )
     )
-    return max(0, result.rowcount or 0)

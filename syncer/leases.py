@@ -18,8 +18,6 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -231,15 +229,6 @@ def try_lead(engine: Engine) -> Lease | None:
 def leader(engine: Engine) -> Row[Any] | None:
     with engine.connect() as conn:
         return conn.execute(select(SERVICE_LEASES).where(LEADER.key == SCHEDULER_LEASE)).first()
-
-
-@contextmanager
-def held(engine: Engine, audience_id: int, audience_key: str) -> Iterator[Lease]:
-    lease = acquire(engine, audience_id, audience_key)
-    try:
-        yield lease
-    finally:
-        lease.release()
 
 
 def abandon(engine: Engine) -> None:

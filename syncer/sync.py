@@ -1,6 +1,6 @@
 """One sync run of one audience, step by step, as DESIGN.md's "flow of one run" describes it.
 
-1. take the audience's lease            (leases.held)
+1. take the audience's lease            (leases.acquire)
 2. evaluate the definition and stage    (diff.stage)
 3. diff staged against current, in SQL  (diff.compute)
 4. commit snapshot + changes + outbox   (diff.commit_snapshot: one transaction)
