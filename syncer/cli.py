@@ -237,7 +237,7 @@ def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> in
         result = retire_audience(state, settings, args.key, unset=args.unset)
         if result is not None:
             print(_describe(result))
-        print(f"{args.key}: deleted; its key is never reused")
+        print(f"{args.key}: deleted")
         return EXIT_OK if result is None or result.status == "succeeded" else EXIT_FAILED
     status = {"pause": AUDIENCE_PAUSED, "resume": AUDIENCE_ACTIVE}
     view = audiences.set_status(state, args.key, status[command])

@@ -94,6 +94,7 @@ class Diff:
     added: int
     removed: int
     suppressed: int = 0  # deleted users the source still returns: never synced in
+    deletions_seen: int = 0  # the newest user deletion this diff accounted for
 
 
 def reset_temp_tables(conn: Connection) -> None:
@@ -232,33 +233,55 @@ def compute(conn: Connection, audience_id: int) -> Diff:
                 ),
             )
         )
-        suppressed = _drop_deleted_users(conn)
-        counts: dict[bool, int] = dict(
-            conn.execute(select(CHANGES.c.entered, func.count()).group_by(CHANGES.c.entered)).all()
-        )
+        seen = privacy.latest_deletion(conn)
+        # Deleted users are purged from memberships, so they can only show up as entering.
+        suppressed = _drop_deleted_users(conn, privacy.suppressed_hashes(conn), entering_only=True)
+        return _counted(conn, suppressed=suppressed, deletions_seen=seen)
+
+
+def _counted(conn: Connection, *, suppressed: int, deletions_seen: int) -> Diff:
+    counts: dict[bool, int] = dict(
+        conn.execute(select(CHANGES.c.entered, func.count()).group_by(CHANGES.c.entered)).all()
+    )
     return Diff(
-        added=int(counts.get(True, 0)), removed=int(counts.get(False, 0)), suppressed=suppressed
+        added=int(counts.get(True, 0)),
+        removed=int(counts.get(False, 0)),
+        suppressed=suppressed,
+        deletions_seen=deletions_seen,
     )
 
 
-def _drop_deleted_users(conn: Connection) -> int:
-    """Deleted users are purged from memberships, so they can only show up as entering:
-    hash those ids (in batches; ids are stored only hashed) and drop the suppressed ones."""
-    hashes = privacy.suppressed_hashes(conn)
+def _drop_deleted_users(conn: Connection, hashes: set[str], *, entering_only: bool) -> int:
+    """Drop changes of deleted users: hash the ids in batches (deletions keep only hashes)."""
     if not hashes:
         return 0
     salt_value = privacy.salt_of(conn)
-    entering = conn.execution_options(yield_per=STREAM_BATCH).execute(
-        select(CHANGES.c.user_id).where(CHANGES.c.entered == true())
-    )
+    query = select(CHANGES.c.user_id, CHANGES.c.entered)
+    if entering_only:
+        query = query.where(CHANGES.c.entered == true())
+    rows = conn.execute(query, execution_options={"yield_per": STREAM_BATCH})
     dropped = [
-        user_id
-        for user_id in entering.scalars()
+        (user_id, entered)
+        for user_id, entered in rows
         if privacy.user_hash(salt_value, user_id) in hashes
     ]
-    for start in range(0, len(dropped), 500):
-        conn.execute(delete(CHANGES).where(CHANGES.c.user_id.in_(dropped[start : start + 500])))
-    return len(dropped)
+    ids = [user_id for user_id, _ in dropped]
+    for start in range(0, len(ids), 500):
+        conn.execute(delete(CHANGES).where(CHANGES.c.user_id.in_(ids[start : start + 500])))
+    return sum(1 for _, entered in dropped if entered)
+
+
+def _recheck_deletions(conn: Connection, diff: Diff) -> Diff:
+    """A user deleted while this run was diffing must not be stored or sent now: the
+    deletion and this commit are serialized (``privacy.lock_deletions``), so whatever was
+    deleted after the diff is dropped here, on whichever side of the change it stands."""
+    privacy.lock_deletions(conn)
+    latest = privacy.latest_deletion(conn)
+    if latest <= diff.deletions_seen:
+        return diff
+    late = privacy.suppressed_hashes(conn, after_id=diff.deletions_seen)
+    dropped = _drop_deleted_users(conn, late, entering_only=False)
+    return _counted(conn, suppressed=diff.suppressed + dropped, deletions_seen=latest)
 
 
 def commit_snapshot(
@@ -269,7 +292,7 @@ def commit_snapshot(
     destination_ids: list[int],
     staged: Staged,
     diff: Diff,
-) -> None:
+) -> Diff:
     """One transaction: the new snapshot, the run's changes, and the outbox.
 
     Destinations that already hold the audience get the changes; destinations that never got
@@ -280,6 +303,7 @@ def commit_snapshot(
     opts = {"sqlite_begin": "IMMEDIATE"} if dialect == "sqlite" else {}
     conn.execution_options(**opts)
     with conn.begin():
+        diff = _recheck_deletions(conn, diff)
         known = set(
             conn.execute(
                 select(AudienceDestination.destination_id).where(
@@ -363,6 +387,7 @@ def commit_snapshot(
             )
         )
     conn.execution_options(sqlite_begin="")
+    return diff
 
 
 def _forget_destinations(conn: Connection, audience_id: int, dropped: list[int]) -> None:
@@ -397,7 +422,11 @@ def _stale_members(audience_id: int, destination_id: int) -> Select[tuple[str, b
     return (
         select(D.c.user_id, false())
         .select_from(D.join(last_sent, D.c.id == last_sent.c.id))
-        .where(D.c.trait_value == true(), ~is_member)
+        .where(
+            D.c.trait_value == true(),
+            ~is_member,
+            ~D.c.user_id.startswith(privacy.HASHED_PREFIX),  # deleted users: told already
+        )
     )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
 from syncer import leases
@@ -115,6 +115,7 @@ def delete_users(engine: Engine, user_ids: Iterable[str], destination_ids: Seque
         audience_ids = list(conn.execute(select(AUDIENCES.c.id)).scalars())
     for start in range(0, len(ids), BATCH):
         with write_transaction(engine) as conn:
+            lock_deletions(conn)
             for user_id in ids[start : start + BATCH]:
                 queued += _delete_one(
                     conn, user_id, user_hash(salt_value, user_id), audience_ids, destination_ids
@@ -191,27 +192,26 @@ def forward_deletes(
 
 
 def hash_finished_deletes(engine: Engine) -> int:
-    """Delete messages no URL is owed any more keep the hash, not the id."""
-    owed_elsewhere = exists().where(
-        D.c.deletion_id == USER_DELETIONS.c.id, D.c.status == DELIVERY_PENDING
+    """A delete message no longer owed (sent, failed, cancelled) keeps the hash, not the id;
+    only rows still owed hold the raw id, which they need to be sent."""
+    hashed = (
+        select(USER_DELETIONS.c.user_hash)
+        .where(USER_DELETIONS.c.id == D.c.deletion_id)
+        .scalar_subquery()
     )
     with write_transaction(engine) as conn:
-        finished = conn.execute(
-            select(USER_DELETIONS.c.id, USER_DELETIONS.c.user_hash).where(
-                ~owed_elsewhere,
-                exists().where(
-                    D.c.deletion_id == USER_DELETIONS.c.id,
-                    ~D.c.user_id.startswith(HASHED_PREFIX),
-                ),
-            )
-        ).all()
-        for deletion_id, hashed in finished:
+        return int(
             conn.execute(
                 update(D)
-                .where(D.c.deletion_id == deletion_id)
-                .values(user_id=HASHED_PREFIX + hashed)
-            )
-    return len(finished)
+                .where(
+                    D.c.kind == KIND_DELETE,
+                    D.c.status != DELIVERY_PENDING,
+                    ~D.c.user_id.startswith(HASHED_PREFIX),
+                )
+                .values(user_id=literal(HASHED_PREFIX) + hashed)
+            ).rowcount
+            or 0
+        )
 
 
 def restore_user(engine: Engine, user_id: str) -> int:
@@ -228,12 +228,29 @@ def restore_user(engine: Engine, user_id: str) -> int:
         )
 
 
-def suppressed_hashes(conn: Connection) -> set[str]:
+def suppressed_hashes(conn: Connection, *, after_id: int = 0) -> set[str]:
+    """Hashes of the users suppressed now (by deletions newer than ``after_id``)."""
     return set(
         conn.execute(
-            select(USER_DELETIONS.c.user_hash).where(USER_DELETIONS.c.restored_at.is_(None))
+            select(USER_DELETIONS.c.user_hash).where(
+                USER_DELETIONS.c.restored_at.is_(None), USER_DELETIONS.c.id > after_id
+            )
         ).scalars()
     )
+
+
+def latest_deletion(conn: Connection) -> int:
+    return int(conn.execute(select(func.coalesce(func.max(USER_DELETIONS.c.id), 0))).scalar_one())
+
+
+def lock_deletions(conn: Connection) -> None:
+    """Serialize user deletions with snapshot commits (PostgreSQL, MySQL: a row lock on the
+    salt, which the schema's first migration creates; SQLite: BEGIN IMMEDIATE does it)."""
+    conn.execute(
+        select(SYNCER_SETTINGS.c.name)
+        .where(SYNCER_SETTINGS.c.name == SALT_SETTING)
+        .with_for_update()
+    ).first()
 
 
 def count_suppressed(conn: Connection) -> int:

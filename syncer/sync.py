@@ -235,7 +235,7 @@ def evaluate_and_commit(
             try:
                 staged = diff.stage(conn, source, audience.sql)
                 changes = diff.compute(conn, audience.id)
-                diff.commit_snapshot(
+                changes = diff.commit_snapshot(
                     conn,
                     audience_id=audience.id,
                     run_id=run_id,

@@ -7,6 +7,7 @@ Create Date: 2026-11-22
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -71,12 +72,15 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_user_deletions_user_hash"), "user_deletions", ["user_hash"], unique=False
     )
-    op.create_table(
+    settings = op.create_table(
         "syncer_settings",
         sa.Column("name", sa.String(length=100), nullable=False),
         sa.Column("value", sa.String(length=255), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_syncer_settings")),
     )
+    # The salt of user hashes exists from the start: user deletions and snapshot commits
+    # lock its row to stay apart (syncer.privacy.lock_deletions).
+    op.bulk_insert(settings, [{"name": "user_hash_salt", "value": secrets.token_hex(16)}])
     op.create_table(
         "service_leases",
         sa.Column("name", sa.String(length=100), nullable=False),
