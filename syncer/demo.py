@@ -49,11 +49,14 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class DemoReceiver:
-    """A stand-in for Tray workflow URLs: counts calls and checks their signatures."""
+    """A stand-in for Tray workflow URLs: counts messages, drops repeats by ``messageId``
+    (as a Tray workflow should: delivery is at least once), and checks signatures."""
 
     def __init__(self, secret: str) -> None:
         self.secret = secret.encode()
         self.calls: Counter[str] = Counter()
+        self.seen: set[str] = set()
+        self.repeats = 0
         self.bad_signatures = 0
         self._lock = threading.Lock()
         receiver = self
@@ -68,8 +71,12 @@ class DemoReceiver:
                 with receiver._lock:
                     if self.headers.get("X-Signature") != expected:
                         receiver.bad_signatures += 1
-                    for trait, value in message.get("traits", {}).items():
-                        receiver.calls[f"{trait} = {str(value).lower()}"] += 1
+                    if message.get("messageId") in receiver.seen:
+                        receiver.repeats += 1
+                    else:
+                        receiver.seen.add(message.get("messageId"))
+                        for trait, value in message.get("traits", {}).items():
+                            receiver.calls[f"{trait} = {str(value).lower()}"] += 1
                 self.send_response(200)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
@@ -196,6 +203,7 @@ def run_demo(directory: str, *, users: int, out: TextIO) -> int:
         print("\nwhat the receiver got:", file=out)
         for call, count in sorted(receiver.calls.items()):
             print(f"  {count:6d} x {call}", file=out)
+        print(f"  repeated calls (same messageId, dropped): {receiver.repeats}", file=out)
         print(f"  signatures that did not match: {receiver.bad_signatures}", file=out)
     print(
         f"\nInspect the state database with: sqlite3 {root / 'state.db'} "
