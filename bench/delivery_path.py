@@ -1,0 +1,401 @@
+"""Delivery path: identify calls per second from syncer's ``deliver_audience`` against raw
+Python HTTP clients, all to the same loopback receiver (``bench.receiver``, its own process).
+
+- **syncer**: ``syncer.delivery.deliver_audience`` draining ``n`` pending deliveries from a
+  state database (SQLite or PostgreSQL), with the default ``max_concurrency``. The outbox is
+  made by syncer itself (an initial run's backfill); between repetitions it is set back to
+  pending, outside the clock.
+- **aiohttp**: one ``aiohttp.ClientSession`` (connector limit = the same concurrency) posting
+  the same bodies, prebuilt, from that many workers: the fastest raw Python client here.
+- **httpx-aiohttp**: ``httpx.AsyncClient(transport=AiohttpTransport(...))``, no database: what
+  the HTTP stack syncer uses costs on its own.
+- **httpx**: ``httpx.AsyncClient`` on its default transport, for reference (fewer calls: it is
+  slow).
+
+The receiver's CPU use is read from /proc for each measurement: near 100 % of one core means
+the receiver, not the client, set the pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+from bench import data
+from bench.databases import Database, Databases
+from bench.processes import child_env
+from bench.timing import Samples, profile_to, statement_log
+from syncer import audiences, db, sync
+from syncer.delivery import Audience, Target, deliver_audience, register_destinations
+from syncer.models import RUN_SUCCEEDED
+from syncer.settings import DEFAULT_MAX_CONCURRENCY, TraySettings, parse_settings
+from syncer.tray import identify_body, identify_message_id
+
+HEADERS = {"Content-Type": "application/json", "User-Agent": "syncer-bench"}
+HTTPX_DEFAULT_MAX_CALLS = 1_000
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class ReceiverProcess:
+    """``python -m bench.receiver`` in its own process."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.process: subprocess.Popen[str] | None = None
+        self.base = ""
+
+    def __enter__(self) -> ReceiverProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.receiver", "--port", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=self.workdir,
+            env=child_env(),
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            self.process.kill()
+            raise RuntimeError(f"bench receiver did not start: {line!r}")
+        self.base = line.removeprefix("listening on ")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def requests(self) -> int:
+        with urllib.request.urlopen(f"{self.base}/stats", timeout=10) as response:
+            return int(json.load(response)["requests"])
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+
+@dataclass
+class Rate:
+    """Calls per second of repeated runs (each run sends ``calls``)."""
+
+    calls: int
+    seconds: Samples = field(default_factory=Samples)
+    receiver_cpu: list[float] = field(default_factory=list)  # share of one core, per run
+
+    @property
+    def best(self) -> float:
+        return self.calls / self.seconds.best
+
+    @property
+    def median(self) -> float:
+        return self.calls / self.seconds.median
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "calls": self.calls,
+            "calls_per_second_best": round(self.best, 1),
+            "calls_per_second_median": round(self.median, 1),
+            "receiver_cpu_share": [round(c, 3) for c in self.receiver_cpu],
+            **self.seconds.as_json(),
+        }
+
+
+async def _run_workers(
+    concurrency: int, bodies: list[bytes], post: Callable[[bytes], Awaitable[None]]
+) -> None:
+    it = iter(bodies)
+
+    async def worker() -> None:
+        for body in it:
+            await post(body)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def aiohttp_client(url: str, bodies: list[bytes], concurrency: int) -> None:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(body: bytes) -> None:
+            async with session.post(url, data=body, headers=HEADERS) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"receiver answered {response.status}")
+
+        await _run_workers(concurrency, bodies, post)
+
+
+async def _httpx_client(
+    client: httpx.AsyncClient, url: str, bodies: list[bytes], concurrency: int
+) -> None:
+    async with client:
+
+        async def post(body: bytes) -> None:
+            response = await client.post(url, content=body, headers=HEADERS)
+            if response.status_code != 200:
+                raise RuntimeError(f"receiver answered {response.status_code}")
+
+        await _run_workers(concurrency, bodies, post)
+
+
+def _limits(concurrency: int) -> httpx.Limits:
+    return httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+
+async def httpx_default_client(url: str, bodies: list[bytes], concurrency: int) -> None:
+    client = httpx.AsyncClient(limits=_limits(concurrency), timeout=5.0)
+    await _httpx_client(client, url, bodies, concurrency)
+
+
+async def httpx_aiohttp_client(url: str, bodies: list[bytes], concurrency: int) -> None:
+    client = httpx.AsyncClient(transport=AiohttpTransport(limits=_limits(concurrency)), timeout=5.0)
+    await _httpx_client(client, url, bodies, concurrency)
+
+
+RAW_CLIENTS: dict[str, Callable[[str, list[bytes], int], Awaitable[None]]] = {
+    "aiohttp": aiohttp_client,
+    "httpx-aiohttp": httpx_aiohttp_client,
+    "httpx": httpx_default_client,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outbox:
+    """A state database holding ``calls`` pending deliveries to one receiver URL."""
+
+    database: Database
+    engine: Engine
+    audience: Audience
+    targets: list[Target]
+    tray: TraySettings
+    run_id: int
+    calls: int
+
+
+def prepare(dbs: Databases, kind: str, calls: int, url: str) -> Outbox:
+    """An audience of ``calls`` members whose initial run committed (its backfill is pending)."""
+    database = dbs.make(kind, f"delivery_{kind[:2]}")
+    db.upgrade(make_url(database.url))
+    if kind == "sqlite":
+        data.fill_sqlite_source(database.target, calls, ("members_v1",))
+    else:
+        data.fill_pg_source(database.target, calls, ("members_v1",))
+    settings = parse_settings(
+        {"database": {"url": database.url}, "tray": {"workflow_urls": [url]}},
+        base_dir=dbs.workdir,
+    )
+    engine = db.open_state(settings.database.url)
+    view = audiences.create(
+        engine, settings, name="Bench Delivery", sql="SELECT user_id FROM members_v1"
+    )
+    targets = register_destinations(engine, settings.tray.workflow_urls)
+    run_id, _kind = sync.start_run(engine, view.id)
+    sync.evaluate_and_commit(engine, settings, view, run_id, targets)
+    sync.finish_run(engine, run_id, RUN_SUCCEEDED)
+    outbox = Outbox(
+        database=database,
+        engine=engine,
+        audience=Audience(id=view.id, key=view.key),
+        targets=targets,
+        tray=settings.tray,
+        run_id=run_id,
+        calls=calls,
+    )
+    if pending(outbox) != calls:
+        raise AssertionError(f"expected {calls} pending deliveries, found {pending(outbox)}")
+    return outbox
+
+
+def pending(outbox: Outbox) -> int:
+    with outbox.engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM deliveries WHERE run_id = :r AND status = 'pending'"),
+                {"r": outbox.run_id},
+            ).scalar_one()
+        )
+
+
+def rearm(outbox: Outbox) -> None:
+    """Every delivery of the run pending again, as it was before the first pass."""
+    with db.write_transaction(outbox.engine) as conn:
+        conn.execute(
+            text(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, last_attempt_at = NULL, "
+                "delivered_at = NULL, last_status_code = NULL, last_error = NULL, "
+                "next_attempt_at = created_at WHERE run_id = :r"
+            ),
+            {"r": outbox.run_id},
+        )
+    if outbox.database.kind == "postgresql":
+        with outbox.database.connect_pg(autocommit=True) as pg:
+            pg.execute("VACUUM ANALYZE deliveries")
+    else:
+        with outbox.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def bodies_of(outbox: Outbox) -> list[bytes]:
+    """The bodies syncer sends for this outbox, built the way it builds them."""
+    with outbox.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT run_id, user_id, trait_value, created_at FROM deliveries "
+                "WHERE run_id = :r ORDER BY id"
+            ),
+            {"r": outbox.run_id},
+        ).all()
+    created = datetime.now(UTC)  # the same length as the stored one; the value is moot here
+    return [
+        identify_body(
+            user_id=user_id,
+            audience_key=outbox.audience.key,
+            audience_id=outbox.audience.id,
+            value=bool(value),
+            message_id=identify_message_id(outbox.audience.id, run_id, user_id),
+            timestamp=created,
+        )
+        for run_id, user_id, value, _created in rows
+    ]
+
+
+def run_syncer(
+    outbox: Outbox, *, profile: Path | None = None, statements: Path | None = None
+) -> float:
+    """One ``deliver_audience`` pass over the whole outbox, timed; then the outbox is re-armed.
+    ``profile``: a cProfile report (the event loop's thread only); ``statements``: SQL timings."""
+    totals: list[Any] = []
+
+    def work() -> None:
+        totals.append(
+            asyncio.run(
+                deliver_audience(outbox.engine, outbox.audience, outbox.targets, outbox.tray)
+            )
+        )
+
+    started = time.perf_counter()
+    with statement_log(statements) if statements else contextlib.nullcontext():
+        if profile is None:
+            work()
+        else:
+            profile_to(profile, work)
+    seconds = time.perf_counter() - started
+    if totals[0].sent != outbox.calls:
+        raise AssertionError(f"syncer sent {totals[0].sent} of {outbox.calls}: {totals[0]}")
+    rearm(outbox)
+    return seconds
+
+
+def _timed(receiver: ReceiverProcess, rate: Rate, fn: Callable[[], object]) -> float:
+    before_calls, before_cpu = receiver.requests(), receiver.cpu()
+    started = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - started
+    rate.receiver_cpu.append((receiver.cpu() - before_cpu) / seconds)
+    arrived = receiver.requests() - before_calls
+    if arrived != rate.calls:
+        raise AssertionError(f"receiver got {arrived} calls, expected {rate.calls}")
+    rate.seconds.seconds.append(seconds)
+    return seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    concurrency: int
+    syncer: dict[str, Rate]  # by state database kind
+    raw: dict[str, Rate]  # by client name
+
+    def ratio(self, kind: str) -> float:
+        return self.syncer[kind].best / self.raw["aiohttp"].best
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "concurrency": self.concurrency,
+            "syncer": {k: r.as_json() for k, r in self.syncer.items()},
+            "raw": {k: r.as_json() for k, r in self.raw.items()},
+            "ratio_syncer_to_aiohttp_best": {k: round(self.ratio(k), 3) for k in self.syncer},
+        }
+
+
+def measure(
+    dbs: Databases,
+    kinds: list[str],
+    *,
+    calls: int,
+    reps: int,
+    profile_dir: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> Result:
+    concurrency = DEFAULT_MAX_CONCURRENCY
+    with ReceiverProcess(dbs.workdir) as receiver:
+        url = receiver.url("w1")
+        outboxes = [prepare(dbs, kind, calls, url) for kind in kinds]
+        try:
+            bodies = bodies_of(outboxes[0])
+            syncer_rates = {o.database.kind: Rate(calls=calls) for o in outboxes}
+            raw_rates = {
+                name: Rate(calls=min(calls, HTTPX_DEFAULT_MAX_CALLS) if name == "httpx" else calls)
+                for name in RAW_CLIENTS
+            }
+            for rep in range(reps):
+                for outbox in outboxes:
+                    rate = syncer_rates[outbox.database.kind]
+                    seconds = _timed(receiver, rate, lambda o=outbox: run_syncer(o))
+                    say(
+                        f"    delivery rep {rep + 1} syncer/{outbox.database.kind:10} "
+                        f"{calls / seconds:8.0f} calls/s"
+                    )
+                for name, client in RAW_CLIENTS.items():
+                    rate = raw_rates[name]
+                    some = bodies[: rate.calls]
+                    seconds = _timed(
+                        receiver,
+                        rate,
+                        lambda c=client, b=some: asyncio.run(c(url, b, concurrency)),
+                    )
+                    say(f"    delivery rep {rep + 1} {name:17} {rate.calls / seconds:8.0f} calls/s")
+            if profile_dir is not None:
+                for outbox in outboxes:
+                    name = f"delivery-{outbox.database.kind}"
+                    run_syncer(outbox, statements=profile_dir / f"{name}-sql.txt")
+                    run_syncer(outbox, profile=profile_dir / f"{name}-cprofile.txt")
+        finally:
+            for outbox in outboxes:
+                outbox.engine.dispose()
+                dbs.drop(outbox.database)
+    return Result(concurrency=concurrency, syncer=syncer_rates, raw=raw_rates)

@@ -1,0 +1,429 @@
+"""Diff path: an incremental run's evaluate + stage + diff + commit against bare SQL.
+
+For each state database (SQLite, PostgreSQL), source placement (``same``: the audience table
+lives in the state database, syncer's ``INSERT … SELECT`` path; ``other``: a separate
+database, syncer's streamed path) and size:
+
+- the state holds a committed previous snapshot ``v1`` (written straight into ``memberships``,
+  plus ``audience_destinations`` so the run queues changes, not a backfill);
+- **syncer**: ``syncer.sync.evaluate_and_commit`` on ``SELECT user_id FROM members_v2``, with
+  ``syncer.diff.stage`` / ``compute`` / ``commit_snapshot`` timed on the way; afterwards the
+  run is undone (outside the clock) so every repetition starts from the same state;
+- **baseline**: the bare SQL on the same database: a staging table, the fastest load (SQLite
+  ``INSERT … SELECT`` or ``executemany`` into a ``WITHOUT ROWID`` table; PostgreSQL
+  ``INSERT … SELECT`` or ``COPY`` into a table without index, then the key), the two
+  anti-joins into a changes table, against ``bench_prev(user_id PRIMARY KEY)`` holding ``v1``.
+
+Both run ``reps`` times, interleaved (the order alternates), and the best of each is compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from sqlalchemy import Engine, insert, text, update
+from sqlalchemy.engine import make_url
+
+from bench import data
+from bench.databases import Database, Databases
+from bench.timing import Samples, profile_to, statement_log, stopwatch
+from syncer import audiences, db, diff, sync
+from syncer.delivery import Target, register_destinations
+from syncer.models import RUN_SUCCEEDED, AudienceDestination, SyncRun
+from syncer.settings import Settings, parse_settings
+
+logger = logging.getLogger(__name__)
+
+AUDIENCE_NAME = "Bench Diff"
+AUDIENCE_SQL = "SELECT user_id FROM members_v2"
+UNUSED_URL = "http://127.0.0.1:9/bench-diff"  # never called: the diff path does not deliver
+STREAM_BATCH = 10_000
+PLACEMENTS = ("same", "other")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setup:
+    """One state database with a committed ``v1`` snapshot, seen through two settings: the
+    audience's source is the state database itself (``same``) or a separate one (``other``);
+    both hold ``members_v2``."""
+
+    kind: str
+    size: int
+    state: Database
+    source: Database  # the separate source database
+    settings: dict[str, Settings]  # by placement
+    engine: Engine
+    audience: audiences.AudienceView
+    targets: list[Target]
+
+
+def prepare(dbs: Databases, kind: str, size: int) -> Setup:
+    tag = f"diff_{kind[:2]}_{size}"
+    state = dbs.make(kind, f"{tag}_state")
+    source = dbs.make(kind, f"{tag}_source")
+    db.upgrade(make_url(state.url))
+    for database in (state, source):
+        _fill_source(database, size, tables=("members_v2",))
+    tray = {"workflow_urls": [UNUSED_URL]}
+    settings = {
+        "same": parse_settings(
+            {"database": {"url": state.url}, "tray": tray}, base_dir=dbs.workdir
+        ),
+        "other": parse_settings(
+            {
+                "database": {"url": state.url},
+                "sources": {"default": {"url": source.url}},
+                "tray": tray,
+            },
+            base_dir=dbs.workdir,
+        ),
+    }
+    engine = db.open_state(settings["same"].database.url)
+    view = audiences.create(engine, settings["same"], name=AUDIENCE_NAME, sql=AUDIENCE_SQL)
+    targets = register_destinations(engine, settings["same"].tray.workflow_urls)
+    # The previous run, made by syncer's own start_run / finish_run; its snapshot written
+    # straight into memberships (a real initial run would also queue a backfill).
+    run_id, _kind = sync.start_run(engine, view.id)
+    _fill_previous_snapshot(state, view.id, run_id, size)
+    with db.write_transaction(engine) as conn:
+        conn.execute(
+            update(SyncRun)
+            .where(SyncRun.id == run_id)
+            .values(
+                members=size, added=size, removed=0, skipped_ids=0, committed_at=datetime.now(UTC)
+            )
+        )
+        for target in targets:
+            conn.execute(
+                insert(AudienceDestination).values(
+                    audience_id=view.id, destination_id=target.id, since_run_id=run_id
+                )
+            )
+    sync.finish_run(engine, run_id, RUN_SUCCEEDED)
+    _analyze(state)
+    return Setup(
+        kind=kind,
+        size=size,
+        state=state,
+        source=source,
+        settings=settings,
+        engine=engine,
+        audience=view,
+        targets=targets,
+    )
+
+
+def _fill_source(source: Database, size: int, *, tables: tuple[str, ...]) -> None:
+    if source.kind == "sqlite":
+        data.fill_sqlite_source(source.target, size, tables)
+    else:
+        data.fill_pg_source(source.target, size, tables)
+
+
+def _fill_previous_snapshot(state: Database, audience_id: int, run_id: int, size: int) -> None:
+    """``v1`` as syncer's committed snapshot (``memberships``) and as the baseline's
+    ``bench_prev(user_id PRIMARY KEY)``."""
+    if state.kind == "sqlite":
+        conn = state.connect_sqlite()
+        try:
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO memberships (audience_id, user_id, entered_run_id) VALUES (?, ?, ?)",
+                ((audience_id, u, run_id) for u in data.v1_ids(size)),
+            )
+            conn.execute("CREATE TABLE bench_prev (user_id TEXT PRIMARY KEY) WITHOUT ROWID")
+            conn.executemany(
+                "INSERT INTO bench_prev (user_id) VALUES (?)", ((u,) for u in data.v1_ids(size))
+            )
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return
+    with state.connect_pg() as conn, conn.cursor() as cur:
+        with cur.copy("COPY memberships (audience_id, user_id, entered_run_id) FROM STDIN") as cp:
+            prefix = f"{audience_id}\t"
+            suffix = f"\t{run_id}"
+            for rows in data.chunks(data.v1_ids(size), data.COPY_CHUNK):
+                cp.write(data.copy_text([prefix + u + suffix for u in rows]))
+        cur.execute("CREATE TABLE bench_prev (user_id TEXT NOT NULL)")
+        with cur.copy("COPY bench_prev (user_id) FROM STDIN") as cp:
+            for rows in data.chunks(data.v1_ids(size), data.COPY_CHUNK):
+                cp.write(data.copy_text(rows))
+        cur.execute("ALTER TABLE bench_prev ADD PRIMARY KEY (user_id)")
+
+
+def _analyze(state: Database) -> None:
+    """PostgreSQL: what autovacuum would have done by the next scheduled run. SQLite: nothing
+    (syncer never runs ANALYZE there, so neither does the benchmark)."""
+    if state.kind == "postgresql":
+        with state.connect_pg(autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+
+
+# --- syncer ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _timed_steps(parts: dict[str, float]) -> Iterator[None]:
+    """Time ``diff.stage`` / ``compute`` / ``commit_snapshot`` as ``sync.evaluate_and_commit``
+    calls them (it reaches them through the ``diff`` module)."""
+    originals = {name: getattr(diff, name) for name in ("stage", "compute", "commit_snapshot")}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with stopwatch() as elapsed:
+                result = fn(*args, **kwargs)
+            parts[name] = parts.get(name, 0.0) + elapsed()
+            return result
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(diff, name, timed(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(diff, name, fn)
+
+
+def run_syncer(
+    setup: Setup,
+    placement: str,
+    *,
+    profile: Path | None = None,
+    statements: Path | None = None,
+) -> tuple[float, dict[str, float]]:
+    """One incremental run's steps 2-4, timed; then undone. ``profile`` / ``statements``:
+    write a cProfile report / the SQL statements' timings of the run there."""
+    run_id, kind = sync.start_run(setup.engine, setup.audience.id)
+    assert kind == "incremental", kind
+    parts: dict[str, float] = {}
+    result: list[tuple[diff.Staged, diff.Diff]] = []
+
+    def work() -> None:
+        result.append(
+            sync.evaluate_and_commit(
+                setup.engine, setup.settings[placement], setup.audience, run_id, setup.targets
+            )
+        )
+
+    with (
+        _timed_steps(parts),
+        statement_log(statements) if statements else contextlib.nullcontext(),
+        stopwatch() as elapsed,
+    ):
+        if profile is None:
+            work()
+        else:
+            profile_to(profile, work)
+    seconds = elapsed()
+    staged, changes = result[0]
+    joined, left = data.churn(setup.size)
+    expected = setup.size - left + joined
+    if (changes.added, changes.removed, staged.members) != (joined, left, expected):
+        raise AssertionError(f"syncer diff wrong: {staged} {changes}, expected +{joined} -{left}")
+    parts["other"] = seconds - sum(parts.values())
+    sync.finish_run(setup.engine, run_id, RUN_SUCCEEDED)
+    _undo_run(setup, run_id)
+    return seconds, parts
+
+
+def _undo_run(setup: Setup, run_id: int) -> None:
+    with db.write_transaction(setup.engine) as conn:
+        params = {"run": run_id}
+        conn.execute(text("DELETE FROM deliveries WHERE run_id = :run"), params)
+        conn.execute(text("DELETE FROM memberships WHERE entered_run_id = :run"), params)
+        conn.execute(
+            text("UPDATE memberships SET exited_run_id = NULL WHERE exited_run_id = :run"), params
+        )
+        conn.execute(text("DELETE FROM sync_runs WHERE id = :run"), params)
+    if setup.state.kind == "postgresql":
+        with setup.state.connect_pg(autocommit=True) as pg:
+            pg.execute("VACUUM ANALYZE memberships")
+            pg.execute("VACUUM ANALYZE deliveries")
+            pg.execute("VACUUM ANALYZE sync_runs")
+    else:
+        with setup.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+# --- baseline -------------------------------------------------------------------------------
+
+
+def run_baseline(setup: Setup, placement: str) -> tuple[float, dict[str, float]]:
+    if setup.kind == "sqlite":
+        seconds, parts, counts = _baseline_sqlite(setup, placement)
+    else:
+        seconds, parts, counts = _baseline_pg(setup, placement)
+    joined, left = data.churn(setup.size)
+    if counts != (joined, left):
+        raise AssertionError(f"baseline diff wrong: {counts}, expected +{joined} -{left}")
+    return seconds, parts
+
+
+SQLITE_DIFF = (
+    "CREATE TEMP TABLE b_changes (user_id TEXT PRIMARY KEY, entered INTEGER NOT NULL) "
+    "WITHOUT ROWID",
+    "INSERT INTO b_changes SELECT s.user_id, 1 FROM b_staged s "
+    "WHERE NOT EXISTS (SELECT 1 FROM bench_prev p WHERE p.user_id = s.user_id)",
+    "INSERT INTO b_changes SELECT p.user_id, 0 FROM bench_prev p "
+    "WHERE NOT EXISTS (SELECT 1 FROM b_staged s WHERE s.user_id = p.user_id)",
+)
+PG_DIFF = (
+    "CREATE TEMP TABLE b_changes (user_id TEXT PRIMARY KEY, entered BOOLEAN NOT NULL)",
+    "INSERT INTO b_changes SELECT s.user_id, true FROM b_staged s "
+    "WHERE NOT EXISTS (SELECT 1 FROM bench_prev p WHERE p.user_id = s.user_id)",
+    "INSERT INTO b_changes SELECT p.user_id, false FROM bench_prev p "
+    "WHERE NOT EXISTS (SELECT 1 FROM b_staged s WHERE s.user_id = p.user_id)",
+)
+COUNT_CHANGES = "SELECT entered, count(*) FROM b_changes GROUP BY entered"
+
+
+def _counts(rows: list[tuple[Any, ...]]) -> tuple[int, int]:
+    found = {bool(entered): int(n) for entered, n in rows}
+    return found.get(True, 0), found.get(False, 0)
+
+
+def _baseline_sqlite(
+    setup: Setup, placement: str
+) -> tuple[float, dict[str, float], tuple[int, int]]:
+    conn = setup.state.connect_sqlite()
+    try:
+        with stopwatch() as elapsed:
+            conn.execute("BEGIN")
+            conn.execute("CREATE TEMP TABLE b_staged (user_id TEXT PRIMARY KEY) WITHOUT ROWID")
+            if placement == "same":
+                conn.execute("INSERT OR IGNORE INTO b_staged SELECT user_id FROM members_v2")
+            else:
+                source = sqlite3.connect(f"file:{setup.source.target}?mode=ro", uri=True)
+                try:
+                    cursor = source.execute("SELECT user_id FROM members_v2")
+                    while rows := cursor.fetchmany(STREAM_BATCH):
+                        conn.executemany("INSERT OR IGNORE INTO b_staged VALUES (?)", rows)
+                finally:
+                    source.close()
+            conn.execute("COMMIT")
+            loaded = elapsed()
+            conn.execute("BEGIN")
+            for statement in SQLITE_DIFF:
+                conn.execute(statement)
+            conn.execute("COMMIT")
+            counts = _counts(conn.execute(COUNT_CHANGES).fetchall())
+        seconds = elapsed()
+    finally:
+        conn.close()
+    return seconds, {"load": loaded, "diff": seconds - loaded}, counts
+
+
+def _baseline_pg(setup: Setup, placement: str) -> tuple[float, dict[str, float], tuple[int, int]]:
+    with setup.state.connect_pg() as conn, conn.cursor() as cur:
+        with stopwatch() as elapsed:
+            cur.execute("CREATE TEMP TABLE b_staged (user_id TEXT NOT NULL)")
+            if placement == "same":
+                cur.execute("INSERT INTO b_staged SELECT user_id FROM members_v2")
+            else:
+                with (
+                    psycopg.connect(setup.source.target) as source,
+                    source.cursor(name="ids") as reader,
+                    cur.copy("COPY b_staged (user_id) FROM STDIN") as copy,
+                ):
+                    reader.itersize = STREAM_BATCH
+                    reader.execute("SELECT user_id FROM members_v2")
+                    while rows := reader.fetchmany(STREAM_BATCH):
+                        copy.write(data.copy_text([str(r[0]) for r in rows]))
+            cur.execute("ALTER TABLE b_staged ADD PRIMARY KEY (user_id)")
+            cur.execute("ANALYZE b_staged")
+            conn.commit()
+            loaded = elapsed()
+            for statement in PG_DIFF:
+                cur.execute(statement)
+            conn.commit()
+            counts = _counts(cur.execute(COUNT_CHANGES).fetchall())
+        seconds = elapsed()
+    return seconds, {"load": loaded, "diff": seconds - loaded}, counts
+
+
+# --- the comparison -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    kind: str
+    placement: str
+    size: int
+    syncer: Samples
+    baseline: Samples
+
+    @property
+    def ratio(self) -> float:
+        return self.syncer.best / self.baseline.best
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "state": self.kind,
+            "source": self.placement,
+            "size": self.size,
+            "syncer": self.syncer.as_json(),
+            "baseline": self.baseline.as_json(),
+            "ratio_best": round(self.ratio, 3),
+            "ratio_median": round(self.syncer.median / self.baseline.median, 3),
+            "syncer_seconds_per_million": round(self.syncer.best / self.size * 1e6, 3),
+            "baseline_seconds_per_million": round(self.baseline.best / self.size * 1e6, 3),
+        }
+
+
+def measure(
+    dbs: Databases,
+    kind: str,
+    size: int,
+    *,
+    reps: int,
+    profile_dir: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> list[Result]:
+    """Both placements on one prepared state database; syncer and baseline interleaved."""
+    setup = prepare(dbs, kind, size)
+    results = []
+    try:
+        for placement in PLACEMENTS:
+            syncer_samples, baseline_samples = Samples(), Samples()
+            for rep in range(reps):
+                order = [("syncer", syncer_samples), ("baseline", baseline_samples)]
+                if rep % 2:
+                    order.reverse()
+                for name, samples in order:
+                    run = run_syncer if name == "syncer" else run_baseline
+                    seconds, parts = run(setup, placement)
+                    samples.seconds.append(seconds)
+                    samples.parts.append(parts)
+                    say(
+                        f"    diff {kind:10} source={placement:5} {size:>10,} rep {rep + 1} "
+                        f"{name:8} {seconds:7.3f}s"
+                    )
+            if profile_dir is not None:
+                name = f"diff-{kind}-{placement}-{size}"
+                run_syncer(setup, placement, statements=profile_dir / f"{name}-sql.txt")
+                run_syncer(setup, placement, profile=profile_dir / f"{name}-cprofile.txt")
+            results.append(
+                Result(
+                    kind=kind,
+                    placement=placement,
+                    size=size,
+                    syncer=syncer_samples,
+                    baseline=baseline_samples,
+                )
+            )
+    finally:
+        setup.engine.dispose()
+        dbs.drop(setup.state)
+        dbs.drop(setup.source)
+    return results
