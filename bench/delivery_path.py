@@ -12,20 +12,16 @@ Python HTTP clients, all to the same loopback receiver (``bench.receiver``, its 
 - **httpx**: ``httpx.AsyncClient`` on its default transport, for reference (fewer calls: it is
   slow).
 
-The receiver's CPU use is read from /proc for each measurement: near 100 % of one core means
-the receiver, not the client, set the pace.
+The receiver's CPU use is read from /proc for each measurement: near 100 % of one core would
+mean the receiver, not the client, set the pace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import subprocess
-import sys
+import functools
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,7 +36,7 @@ from sqlalchemy.engine import make_url
 
 from bench import data
 from bench.databases import Database, Databases
-from bench.processes import child_env
+from bench.processes import ReceiverProcess
 from bench.timing import Samples, profile_to, statement_log
 from syncer import audiences, db, sync
 from syncer.delivery import Audience, Target, deliver_audience, register_destinations
@@ -50,63 +46,6 @@ from syncer.tray import identify_body, identify_message_id
 
 HEADERS = {"Content-Type": "application/json", "User-Agent": "syncer-bench"}
 HTTPX_DEFAULT_MAX_CALLS = 1_000
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-class ReceiverProcess:
-    """``python -m bench.receiver`` in its own process."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.process: subprocess.Popen[str] | None = None
-        self.base = ""
-
-    def __enter__(self) -> ReceiverProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.receiver", "--port", "0"],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=self.workdir,
-            env=child_env(),
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().strip()
-        if not line.startswith("listening on "):
-            self.process.kill()
-            raise RuntimeError(f"bench receiver did not start: {line!r}")
-        self.base = line.removeprefix("listening on ")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def url(self, path: str) -> str:
-        return f"{self.base}/{path}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def requests(self) -> int:
-        with urllib.request.urlopen(f"{self.base}/stats", timeout=10) as response:
-            return int(json.load(response)["requests"])
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.pid)
 
 
 @dataclass
@@ -185,6 +124,15 @@ async def httpx_default_client(url: str, bodies: list[bytes], concurrency: int) 
 async def httpx_aiohttp_client(url: str, bodies: list[bytes], concurrency: int) -> None:
     client = httpx.AsyncClient(transport=AiohttpTransport(limits=_limits(concurrency)), timeout=5.0)
     await _httpx_client(client, url, bodies, concurrency)
+
+
+def _run_client(
+    client: Callable[[str, list[bytes], int], Awaitable[None]],
+    url: str,
+    bodies: list[bytes],
+    concurrency: int,
+) -> None:
+    asyncio.run(client(url, bodies, concurrency))  # type: ignore[arg-type]
 
 
 RAW_CLIENTS: dict[str, Callable[[str, list[bytes], int], Awaitable[None]]] = {
@@ -375,7 +323,7 @@ def measure(
             for rep in range(reps):
                 for outbox in outboxes:
                     rate = syncer_rates[outbox.database.kind]
-                    seconds = _timed(receiver, rate, lambda o=outbox: run_syncer(o))
+                    seconds = _timed(receiver, rate, functools.partial(run_syncer, outbox))
                     say(
                         f"    delivery rep {rep + 1} syncer/{outbox.database.kind:10} "
                         f"{calls / seconds:8.0f} calls/s"
@@ -386,7 +334,7 @@ def measure(
                     seconds = _timed(
                         receiver,
                         rate,
-                        lambda c=client, b=some: asyncio.run(c(url, b, concurrency)),
+                        functools.partial(_run_client, client, url, some, concurrency),
                     )
                     say(f"    delivery rep {rep + 1} {name:17} {rate.calls / seconds:8.0f} calls/s")
             if profile_dir is not None:

@@ -12,14 +12,18 @@ database, syncer's streamed path) and size:
 - **baseline**: the bare SQL on the same database: a staging table, the fastest load (SQLite
   ``INSERT … SELECT`` or ``executemany`` into a ``WITHOUT ROWID`` table; PostgreSQL
   ``INSERT … SELECT`` or ``COPY`` into a table without index, then the key), the two
-  anti-joins into a changes table, against ``bench_prev(user_id PRIMARY KEY)`` holding ``v1``.
+  anti-joins into a changes table, against ``bench_prev(user_id PRIMARY KEY)`` holding ``v1``;
+- **baseline_m**: the same bare SQL with the anti-joins against syncer's ``memberships``
+  (the audience's current rows) instead: what is left between it and syncer is syncer's code,
+  not its table layout.
 
-Both run ``reps`` times, interleaved (the order alternates), and the best of each is compared.
+All run ``reps`` times, interleaved (the order alternates), and the best of each is compared.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -147,7 +151,7 @@ def _fill_previous_snapshot(state: Database, audience_id: int, run_id: int, size
         finally:
             conn.close()
         return
-    with state.connect_pg() as conn, conn.cursor() as cur:
+    with state.connect_pg() as pg, pg.cursor() as cur:
         with cur.copy("COPY memberships (audience_id, user_id, entered_run_id) FROM STDIN") as cp:
             prefix = f"{audience_id}\t"
             suffix = f"\t{run_id}"
@@ -259,32 +263,43 @@ def _undo_run(setup: Setup, run_id: int) -> None:
 # --- baseline -------------------------------------------------------------------------------
 
 
-def run_baseline(setup: Setup, placement: str) -> tuple[float, dict[str, float]]:
+def run_baseline(
+    setup: Setup, placement: str, against: str = "prev"
+) -> tuple[float, dict[str, float]]:
+    """The bare SQL. ``against="prev"``: the previous snapshot as ``bench_prev(user_id PRIMARY
+    KEY)``, the ideal layout; ``"memberships"``: syncer's own ``memberships`` (current rows of
+    the audience), to separate the cost of syncer's code from the cost of its table layout."""
+    diff = _diff_statements(setup, against)
     if setup.kind == "sqlite":
-        seconds, parts, counts = _baseline_sqlite(setup, placement)
+        seconds, parts, counts = _baseline_sqlite(setup, placement, diff)
     else:
-        seconds, parts, counts = _baseline_pg(setup, placement)
+        seconds, parts, counts = _baseline_pg(setup, placement, diff)
     joined, left = data.churn(setup.size)
     if counts != (joined, left):
         raise AssertionError(f"baseline diff wrong: {counts}, expected +{joined} -{left}")
     return seconds, parts
 
 
-SQLITE_DIFF = (
-    "CREATE TEMP TABLE b_changes (user_id TEXT PRIMARY KEY, entered INTEGER NOT NULL) "
-    "WITHOUT ROWID",
-    "INSERT INTO b_changes SELECT s.user_id, 1 FROM b_staged s "
-    "WHERE NOT EXISTS (SELECT 1 FROM bench_prev p WHERE p.user_id = s.user_id)",
-    "INSERT INTO b_changes SELECT p.user_id, 0 FROM bench_prev p "
-    "WHERE NOT EXISTS (SELECT 1 FROM b_staged s WHERE s.user_id = p.user_id)",
-)
-PG_DIFF = (
-    "CREATE TEMP TABLE b_changes (user_id TEXT PRIMARY KEY, entered BOOLEAN NOT NULL)",
-    "INSERT INTO b_changes SELECT s.user_id, true FROM b_staged s "
-    "WHERE NOT EXISTS (SELECT 1 FROM bench_prev p WHERE p.user_id = s.user_id)",
-    "INSERT INTO b_changes SELECT p.user_id, false FROM bench_prev p "
-    "WHERE NOT EXISTS (SELECT 1 FROM b_staged s WHERE s.user_id = p.user_id)",
-)
+def _diff_statements(setup: Setup, against: str) -> tuple[str, ...]:
+    true, false, changes = (
+        ("1", "0", "entered INTEGER NOT NULL) WITHOUT ROWID")
+        if setup.kind == "sqlite"
+        else ("true", "false", "entered BOOLEAN NOT NULL)")
+    )
+    if against == "prev":
+        previous, current = "bench_prev p", ""
+    else:
+        previous = "memberships p"
+        current = f"p.audience_id = {setup.audience.id} AND p.exited_run_id IS NULL AND "
+    return (
+        f"CREATE TEMP TABLE b_changes (user_id TEXT PRIMARY KEY, {changes}",
+        f"INSERT INTO b_changes SELECT s.user_id, {true} FROM b_staged s "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {previous} WHERE {current}p.user_id = s.user_id)",
+        f"INSERT INTO b_changes SELECT p.user_id, {false} FROM {previous} "
+        f"WHERE {current}NOT EXISTS (SELECT 1 FROM b_staged s WHERE s.user_id = p.user_id)",
+    )
+
+
 COUNT_CHANGES = "SELECT entered, count(*) FROM b_changes GROUP BY entered"
 
 
@@ -294,7 +309,7 @@ def _counts(rows: list[tuple[Any, ...]]) -> tuple[int, int]:
 
 
 def _baseline_sqlite(
-    setup: Setup, placement: str
+    setup: Setup, placement: str, diff: tuple[str, ...]
 ) -> tuple[float, dict[str, float], tuple[int, int]]:
     conn = setup.state.connect_sqlite()
     try:
@@ -314,7 +329,7 @@ def _baseline_sqlite(
             conn.execute("COMMIT")
             loaded = elapsed()
             conn.execute("BEGIN")
-            for statement in SQLITE_DIFF:
+            for statement in diff:
                 conn.execute(statement)
             conn.execute("COMMIT")
             counts = _counts(conn.execute(COUNT_CHANGES).fetchall())
@@ -324,7 +339,9 @@ def _baseline_sqlite(
     return seconds, {"load": loaded, "diff": seconds - loaded}, counts
 
 
-def _baseline_pg(setup: Setup, placement: str) -> tuple[float, dict[str, float], tuple[int, int]]:
+def _baseline_pg(
+    setup: Setup, placement: str, diff: tuple[str, ...]
+) -> tuple[float, dict[str, float], tuple[int, int]]:
     with setup.state.connect_pg() as conn, conn.cursor() as cur:
         with stopwatch() as elapsed:
             cur.execute("CREATE TEMP TABLE b_staged (user_id TEXT NOT NULL)")
@@ -344,7 +361,7 @@ def _baseline_pg(setup: Setup, placement: str) -> tuple[float, dict[str, float],
             cur.execute("ANALYZE b_staged")
             conn.commit()
             loaded = elapsed()
-            for statement in PG_DIFF:
+            for statement in diff:
                 cur.execute(statement)
             conn.commit()
             counts = _counts(cur.execute(COUNT_CHANGES).fetchall())
@@ -361,11 +378,16 @@ class Result:
     placement: str
     size: int
     syncer: Samples
-    baseline: Samples
+    baseline: Samples  # bare SQL against bench_prev (the ideal layout)
+    baseline_memberships: Samples  # the same bare SQL against syncer's memberships
 
     @property
     def ratio(self) -> float:
         return self.syncer.best / self.baseline.best
+
+    @property
+    def ratio_memberships(self) -> float:
+        return self.syncer.best / self.baseline_memberships.best
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -374,7 +396,9 @@ class Result:
             "size": self.size,
             "syncer": self.syncer.as_json(),
             "baseline": self.baseline.as_json(),
+            "baseline_against_memberships": self.baseline_memberships.as_json(),
             "ratio_best": round(self.ratio, 3),
+            "ratio_against_memberships_best": round(self.ratio_memberships, 3),
             "ratio_median": round(self.syncer.median / self.baseline.median, 3),
             "syncer_seconds_per_million": round(self.syncer.best / self.size * 1e6, 3),
             "baseline_seconds_per_million": round(self.baseline.best / self.size * 1e6, 3),
@@ -395,19 +419,23 @@ def measure(
     results = []
     try:
         for placement in PLACEMENTS:
-            syncer_samples, baseline_samples = Samples(), Samples()
+            samples = {name: Samples() for name in ("syncer", "baseline", "baseline_m")}
+            runs: dict[str, Callable[[], tuple[float, dict[str, float]]]] = {
+                "syncer": functools.partial(run_syncer, setup, placement),
+                "baseline": functools.partial(run_baseline, setup, placement),
+                "baseline_m": functools.partial(run_baseline, setup, placement, "memberships"),
+            }
             for rep in range(reps):
-                order = [("syncer", syncer_samples), ("baseline", baseline_samples)]
+                order = list(runs)
                 if rep % 2:
                     order.reverse()
-                for name, samples in order:
-                    run = run_syncer if name == "syncer" else run_baseline
-                    seconds, parts = run(setup, placement)
-                    samples.seconds.append(seconds)
-                    samples.parts.append(parts)
+                for name in order:
+                    seconds, parts = runs[name]()
+                    samples[name].seconds.append(seconds)
+                    samples[name].parts.append(parts)
                     say(
                         f"    diff {kind:10} source={placement:5} {size:>10,} rep {rep + 1} "
-                        f"{name:8} {seconds:7.3f}s"
+                        f"{name:10} {seconds:7.3f}s"
                     )
             if profile_dir is not None:
                 name = f"diff-{kind}-{placement}-{size}"
@@ -418,8 +446,9 @@ def measure(
                     kind=kind,
                     placement=placement,
                     size=size,
-                    syncer=syncer_samples,
-                    baseline=baseline_samples,
+                    syncer=samples["syncer"],
+                    baseline=samples["baseline"],
+                    baseline_memberships=samples["baseline_m"],
                 )
             )
     finally:

@@ -24,8 +24,7 @@ from sqlalchemy.engine import make_url
 
 from bench import data
 from bench.databases import Databases
-from bench.delivery_path import ReceiverProcess
-from bench.processes import run_checked
+from bench.processes import ReceiverProcess, run_checked
 from syncer import db
 from syncer.models import SyncRun
 
@@ -130,6 +129,7 @@ def _one(
             ).one()
     finally:
         engine.dispose()
+    assert started and committed and ended, "the run has no commit or finish time"
     result = Result(
         kind=kind,
         size=size,

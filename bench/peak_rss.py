@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 from bench import data
 from bench.databases import Databases
-from bench.delivery_path import ReceiverProcess
-from bench.processes import run_checked
+from bench.processes import ReceiverProcess, run_checked
 
 AUDIENCE_NAME = "Bench Peak Rss"
 AUDIENCE_KEY = "bench_peak_rss"

@@ -1,5 +1,5 @@
-"""Child processes the benchmark measures: the same ``syncer`` and ``bench`` code as the parent,
-timed by wall clock, with their peak RSS.
+"""Child processes: the measured ones (the same ``syncer`` and ``bench`` code as the parent,
+timed by wall clock, with their peak RSS) and the loopback receiver.
 
 Peak RSS is the kernel's ``VmHWM`` of the child (``/proc/PID/status``), polled while it runs.
 Not ``ru_maxrss`` from ``wait4``/``getrusage``: on Linux a child's ``ru_maxrss`` starts from
@@ -9,11 +9,13 @@ every child of this ~100 MB benchmark would report at least ~100 MB.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -124,3 +126,62 @@ def run_checked(args: list[str], *, cwd: Path) -> Finished:
             f"{finished.stdout[-2000:]}\n{finished.stderr[-2000:]}"
         )
     return finished
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class ReceiverProcess:
+    """``python -m bench.receiver`` in its own process."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.process: subprocess.Popen[str] | None = None
+        self.base = ""
+
+    def __enter__(self) -> ReceiverProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.receiver", "--port", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=self.workdir,
+            env=child_env(),
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            self.process.kill()
+            raise RuntimeError(f"bench receiver did not start: {line!r}")
+        self.base = line.removeprefix("listening on ")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def requests(self) -> int:
+        with urllib.request.urlopen(f"{self.base}/stats", timeout=10) as response:
+            return int(json.load(response)["requests"])
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
