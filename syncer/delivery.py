@@ -9,7 +9,6 @@ after Tray answered 2xx, so a crash can repeat the calls in flight, never lose o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import threading
@@ -48,7 +47,6 @@ BREAKER_MIN_FAILURES = 8
 TRIES_PER_PASS = 3
 MAX_PASS_DELAY_SECONDS = 3600.0
 STOP_POLL_SECONDS = 0.1
-FLUSH_EVERY_SECONDS = 0.25
 UPDATE_CHUNK = 500
 D = DELIVERIES
 
@@ -127,28 +125,35 @@ class _Pending:
 
 @dataclass(kw_only=True)
 class _Recorder:
+    """Writes outcomes back, one batch at a time, from a single writer task.
+
+    Whatever was answered while a batch was being committed makes the next batch, so batches
+    grow with the load and there is never more than one write transaction of ours waiting for
+    the database's write lock."""
+
     engine: Engine
     tray: TraySettings
+    progress: Callable[[int], None] | None = None
     outcomes: list[Outcome] = field(default_factory=list)
     totals: DeliveryTotals = field(default_factory=DeliveryTotals)
     done: int = 0
     # Calls started whose outcome is not committed yet: what a crash would send again.
     exposed: int = 0
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _written: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _closing: bool = False
+    _error: BaseException | None = None
 
     async def expose(self, limit: int) -> None:
         """Wait until another call may start without more than ``limit`` exposed calls."""
-        while self.exposed >= limit:
-            if self.outcomes:
-                await self.flush()
-            else:
-                await asyncio.sleep(0.005)
+        if self.exposed >= limit or self._error is not None:
+            async with self._written:
+                await self._written.wait_for(
+                    lambda: self.exposed < limit or self._error is not None
+                )
+            if self._error is not None:
+                raise DeliveryError("recording outcomes failed") from self._error
         self.exposed += 1
-
-    async def flush(self) -> None:
-        batch = self.take()
-        if batch:
-            await asyncio.to_thread(self.write, batch)
-            self.exposed -= len(batch)
 
     def add(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
@@ -157,10 +162,33 @@ class _Recorder:
             self.totals.sent += 1
         elif outcome.status == DELIVERY_FAILED:
             self.totals.failed += 1
+        self._arrived.set()
 
-    def take(self) -> list[Outcome]:
-        taken, self.outcomes = self.outcomes, []
-        return taken
+    async def run(self) -> None:
+        """The writer: commit what has arrived, until closed and everything is written."""
+        try:
+            while True:
+                await self._arrived.wait()
+                self._arrived.clear()
+                batch, self.outcomes = self.outcomes, []
+                if batch:
+                    await asyncio.to_thread(self.write, batch)
+                    self.exposed -= len(batch)
+                    async with self._written:
+                        self._written.notify_all()
+                    if self.progress:
+                        self.progress(self.done)
+                if self._closing and not self.outcomes:
+                    return
+        except BaseException as exc:
+            self._error = exc
+            async with self._written:
+                self._written.notify_all()
+            raise
+
+    async def close(self) -> None:
+        self._closing = True
+        self._arrived.set()
 
     def write(self, outcomes: list[Outcome]) -> None:
         """Record outcomes with one UPDATE per (status, attempts, code, error) group.
@@ -484,21 +512,10 @@ async def deliver_audience(
         return recorder.totals
     if progress:
         progress(0, total)
-    stop_flushing = asyncio.Event()
-    # Calls answered but not yet recorded are sent again after a crash: keep them few,
-    # about one round of the concurrency limit.
+        recorder.progress = lambda done: progress(done, total)
     # A crash sends again the calls started but not yet recorded: at most two rounds of the
     # concurrency limit (calls in flight, and answers being committed).
-    flush_every = tray.max_concurrency
     max_exposed = 2 * tray.max_concurrency * len(targets)
-
-    async def flusher() -> None:
-        while not stop_flushing.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop_flushing.wait(), FLUSH_EVERY_SECONDS)
-            await recorder.flush()
-            if progress:
-                progress(recorder.done, total)
 
     async def pipeline(client: TrayClient, target: Target) -> None:
         queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=PAGE_SIZE)
@@ -544,13 +561,11 @@ async def deliver_audience(
                         target.id,
                         outcome.error,
                     )
-                if len(recorder.outcomes) >= flush_every:
-                    await recorder.flush()
 
         await asyncio.gather(reader(), *(sender() for _ in range(tray.max_concurrency)))
 
     started = time.monotonic()
-    flushing = asyncio.create_task(flusher())
+    writing = asyncio.create_task(recorder.run())
     try:
         async with TrayClient(
             timeout_seconds=tray.timeout_seconds,
@@ -559,9 +574,8 @@ async def deliver_audience(
         ) as client:
             await asyncio.gather(*(pipeline(client, t) for t in targets))
     finally:
-        stop_flushing.set()
-        await flushing
-        await recorder.flush()
+        await recorder.close()
+        await writing
     logger.debug(
         "%s: %d deliveries in %.1fs",
         label,
