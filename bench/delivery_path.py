@@ -23,7 +23,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -205,7 +205,7 @@ def rearm(outbox: Outbox) -> None:
         conn.execute(
             text(
                 "UPDATE deliveries SET status = 'pending', attempts = 0, last_attempt_at = NULL, "
-                "delivered_at = NULL, last_status_code = NULL, last_error = NULL, "
+                "delivered_at = NULL, last_status_code = NULL, last_error = NULL, claimed_by = NULL, "
                 "next_attempt_at = created_at WHERE run_id = :r"
             ),
             {"r": outbox.run_id},
@@ -243,17 +243,21 @@ def bodies_of(outbox: Outbox) -> list[bytes]:
 
 
 def run_syncer(
-    outbox: Outbox, *, profile: Path | None = None, statements: Path | None = None
+    outbox: Outbox,
+    processes: int = 1,
+    *,
+    profile: Path | None = None,
+    statements: Path | None = None,
 ) -> float:
     """One ``deliver_audience`` pass over the whole outbox, timed; then the outbox is re-armed.
-    ``profile``: a cProfile report (the event loop's thread only); ``statements``: SQL timings."""
+    ``processes``: ``[tray] delivery_processes``. ``profile``: a cProfile report (the event
+    loop's thread of this process only); ``statements``: SQL timings."""
     totals: list[Any] = []
+    tray = replace(outbox.tray, delivery_processes=processes)
 
     def work() -> None:
         totals.append(
-            asyncio.run(
-                deliver_audience(outbox.engine, outbox.audience, outbox.targets, outbox.tray)
-            )
+            asyncio.run(deliver_audience(outbox.engine, outbox.audience, outbox.targets, tray))
         )
 
     started = time.perf_counter()
@@ -280,6 +284,15 @@ def _timed(receiver: ReceiverProcess, rate: Rate, fn: Callable[[], object]) -> f
         raise AssertionError(f"receiver got {arrived} calls, expected {rate.calls}")
     rate.seconds.seconds.append(seconds)
     return seconds
+
+
+# [tray] delivery_processes measured: one process, and two sharing the pass (2 cores here).
+PROCESSES = (1, 2)
+
+
+def variant(outbox: Outbox, processes: int) -> str:
+    kind = outbox.database.kind
+    return kind if processes == 1 else f"{kind}, {processes} processes"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,19 +328,20 @@ def measure(
         outboxes = [prepare(dbs, kind, calls, url) for kind in kinds]
         try:
             bodies = bodies_of(outboxes[0])
-            syncer_rates = {o.database.kind: Rate(calls=calls) for o in outboxes}
+            syncer_rates = {variant(o, n): Rate(calls=calls) for o in outboxes for n in PROCESSES}
             raw_rates = {
                 name: Rate(calls=min(calls, HTTPX_DEFAULT_MAX_CALLS) if name == "httpx" else calls)
                 for name in RAW_CLIENTS
             }
             for rep in range(reps):
                 for outbox in outboxes:
-                    rate = syncer_rates[outbox.database.kind]
-                    seconds = _timed(receiver, rate, functools.partial(run_syncer, outbox))
-                    say(
-                        f"    delivery rep {rep + 1} syncer/{outbox.database.kind:10} "
-                        f"{calls / seconds:8.0f} calls/s"
-                    )
+                    for n in PROCESSES:
+                        rate = syncer_rates[variant(outbox, n)]
+                        seconds = _timed(receiver, rate, functools.partial(run_syncer, outbox, n))
+                        say(
+                            f"    delivery rep {rep + 1} syncer/{variant(outbox, n):24} "
+                            f"{calls / seconds:8.0f} calls/s"
+                        )
                 for name, client in RAW_CLIENTS.items():
                     rate = raw_rates[name]
                     some = bodies[: rate.calls]

@@ -9,19 +9,24 @@ after Tray answered 2xx, so a crash can repeat the calls in flight, never lose o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import os
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
 
 from sqlalchemy import Engine, exists, func, insert, select, update
 
+from syncer import workers
 from syncer.db import write_transaction
 from syncer.errors import DeliveryError, PermanentDeliveryError
+from syncer.leases import HOST
 from syncer.models import (
     AUDIENCES,
     DELIVERIES,
@@ -43,11 +48,14 @@ from syncer.tray import (
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 2_000
+# Smaller pages when processes share a pass, so that none is left with a long tail at the end.
+SHARED_PAGE_SIZE = 500
 BREAKER_MIN_FAILURES = 8
 TRIES_PER_PASS = 3
 MAX_PASS_DELAY_SECONDS = 3600.0
 STOP_POLL_SECONDS = 0.1
 UPDATE_CHUNK = 500
+BATCH_WAIT_SECONDS = 0.05
 D = DELIVERIES
 
 Progress = Callable[[int, int], None]
@@ -127,13 +135,15 @@ class _Pending:
 class _Recorder:
     """Writes outcomes back, one batch at a time, from a single writer task.
 
-    Whatever was answered while a batch was being committed makes the next batch, so batches
-    grow with the load and there is never more than one write transaction of ours waiting for
-    the database's write lock."""
+    A batch is written once ``batch`` outcomes are waiting, a sender is held back by the
+    exposure limit, or ``BATCH_WAIT_SECONDS`` passed: few, larger transactions (each costs
+    about a millisecond whatever its size), and never more than one of ours waiting for the
+    database's write lock."""
 
     engine: Engine
     tray: TraySettings
     progress: Callable[[int], None] | None = None
+    batch: int = 64
     outcomes: list[Outcome] = field(default_factory=list)
     totals: DeliveryTotals = field(default_factory=DeliveryTotals)
     done: int = 0
@@ -147,6 +157,7 @@ class _Recorder:
     async def expose(self, limit: int) -> None:
         """Wait until another call may start without more than ``limit`` exposed calls."""
         if self.exposed >= limit or self._error is not None:
+            self._arrived.set()  # write what is waiting now
             async with self._written:
                 await self._written.wait_for(
                     lambda: self.exposed < limit or self._error is not None
@@ -162,13 +173,15 @@ class _Recorder:
             self.totals.sent += 1
         elif outcome.status == DELIVERY_FAILED:
             self.totals.failed += 1
-        self._arrived.set()
+        if len(self.outcomes) >= self.batch:
+            self._arrived.set()
 
     async def run(self) -> None:
         """The writer: commit what has arrived, until closed and everything is written."""
         try:
             while True:
-                await self._arrived.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), BATCH_WAIT_SECONDS)
                 self._arrived.clear()
                 batch, self.outcomes = self.outcomes, []
                 if batch:
@@ -225,7 +238,9 @@ class _Recorder:
                         update(D)
                         .where(
                             D.c.id.in_(ids[start : start + UPDATE_CHUNK]),
-                            D.c.status == DELIVERY_PENDING,
+                            # Not ``status = 'pending'``: that lets the planner walk the status
+                            # index over every owed row instead of looking up these ids.
+                            func.coalesce(D.c.status, "") == DELIVERY_PENDING,
                         )
                         .values(values)
                     )
@@ -327,13 +342,28 @@ def audiences_owed(engine: Engine, destination_ids: Sequence[int]) -> list[Audie
         return [Audience(id=row.id, key=row.key) for row in conn.execute(query).all()]
 
 
-def _read_page(
+_claims = itertools.count(1)
+
+
+def new_claimer() -> str:
+    """A name for one delivery pass of one process: ``host:pid:n`` (``deliveries.claimed_by``)."""
+    return f"{HOST[:40]}:{os.getpid()}:{next(_claims)}"
+
+
+def _claim_page(
     engine: Engine,
     audience_id: int | None,
     destination_id: int,
     after_id: int,
     due: datetime | None,
+    claimer: str,
+    size: int,
 ) -> list[_Pending]:
+    """Take the next page of unclaimed owed rows for this pass, in id order.
+
+    ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (and MySQL/MariaDB): processes claiming at the
+    same moment get different rows instead of waiting for each other. SQLite has a single
+    writer, so there the claims simply take turns."""
     query = (
         select(
             D.c.id,
@@ -345,14 +375,22 @@ def _read_page(
             D.c.owed_since,
             D.c.attempts,
         )
-        .where(owed(audience_id, [destination_id]), D.c.id > after_id)
+        .where(owed(audience_id, [destination_id]), D.c.id > after_id, D.c.claimed_by.is_(None))
         .order_by(D.c.id)
-        .limit(PAGE_SIZE)
+        .limit(size)
+        .with_for_update(skip_locked=True)
     )
     if due is not None:
         query = query.where(D.c.next_attempt_at <= due)
-    with engine.connect() as conn:
+    with write_transaction(engine) as conn:
         rows = conn.execute(query).all()
+        ids = [r.id for r in rows]
+        for start in range(0, len(ids), UPDATE_CHUNK):
+            conn.execute(
+                update(D)
+                .where(D.c.id.in_(ids[start : start + UPDATE_CHUNK]))
+                .values(claimed_by=claimer)
+            )
     return [
         _Pending(
             id=r.id,
@@ -366,6 +404,26 @@ def _read_page(
         )
         for r in rows
     ]
+
+
+def release_claims(
+    engine: Engine,
+    audience_id: int | None,
+    destination_ids: Sequence[int],
+    claimer: str | None = None,
+) -> int:
+    """Give back rows still owed: one pass's (``claimer``), or every claim of the audience.
+
+    The lease holder clears every claim before a pass: a claim left by a process that died
+    is void, since only the lease holder and its helper processes deliver an audience."""
+    mine = D.c.claimed_by.is_not(None) if claimer is None else D.c.claimed_by == claimer
+    with write_transaction(engine) as conn:
+        return (
+            conn.execute(
+                update(D).where(owed(audience_id, destination_ids), mine).values(claimed_by=None)
+            ).rowcount
+            or 0
+        )
 
 
 def backoff_seconds(attempt: int, tray: TraySettings, retry_after: float | None) -> float:
@@ -480,6 +538,35 @@ def _body(audience: Audience | None, row: _Pending) -> bytes:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class PassPlan:
+    """What one process does in a delivery pass (pickled to helper processes)."""
+
+    audience: Audience | None
+    targets: tuple[Target, ...]
+    tray: TraySettings  # this process's share of max_concurrency and max_requests_per_second
+    due: datetime | None
+    claimer: str
+    page_size: int
+
+
+def share_out(tray: TraySettings) -> list[TraySettings]:
+    """Split ``max_concurrency`` and ``max_requests_per_second`` between the pass's processes,
+    so that together they never exceed what the settings allow for one URL."""
+    processes = max(1, min(tray.delivery_processes, tray.max_concurrency))
+    base, extra = divmod(tray.max_concurrency, processes)
+    rate = tray.max_requests_per_second
+    return [
+        replace(
+            tray,
+            max_concurrency=base + (1 if n < extra else 0),
+            max_requests_per_second=rate / processes if rate else None,
+            delivery_processes=1,
+        )
+        for n in range(processes)
+    ]
+
+
 async def deliver_audience(
     engine: Engine,
     audience: Audience | None,
@@ -491,34 +578,80 @@ async def deliver_audience(
     due_only: bool = False,
 ) -> DeliveryTotals:
     """Send the pending identifies of this audience (None: the user deletions) to each
-    configured URL.
+    configured URL. The caller holds the audience's lease (or the deletions' lease).
 
     ``due_only`` sends only rows whose backoff has passed (the background retry); a run sends
     everything owed. When ``stop`` is set (shutdown), no new call starts: what was not sent
     stays pending. A URL that keeps failing is left alone for the rest of this pass.
+    With ``[tray] delivery_processes`` above 1, helper processes share the pass, each claiming
+    pages of rows (see syncer.workers).
     """
     if not targets:
         return DeliveryTotals()
     target_ids = [t.id for t in targets]
     audience_id = audience.id if audience else None
-    label = audience.key if audience else "user deletions"
     due = datetime.now(UTC) if due_only else None
+    await asyncio.to_thread(release_claims, engine, audience_id, target_ids)
     total = await asyncio.to_thread(count_pending, engine, audience_id, target_ids, due)
-    recorder = _Recorder(engine=engine, tray=tray)
-    recorder.totals.failed += await asyncio.to_thread(
-        expire_overdue, engine, audience_id, target_ids, tray
-    )
+    totals = DeliveryTotals()
+    totals.failed += await asyncio.to_thread(expire_overdue, engine, audience_id, target_ids, tray)
     if total == 0:
-        return recorder.totals
+        return totals
+    shares = share_out(tray)
+    plans = [
+        PassPlan(
+            audience=audience,
+            targets=tuple(targets),
+            tray=share,
+            due=due,
+            claimer=new_claimer(),
+            page_size=PAGE_SIZE if len(shares) == 1 else SHARED_PAGE_SIZE,
+        )
+        for share in shares
+    ]
+    done = [0] * len(plans)
+
+    def report(n: int) -> Callable[[int], None]:
+        def update(count: int) -> None:
+            done[n] = count
+            if progress:
+                progress(sum(done), total)
+
+        return update
+
     if progress:
         progress(0, total)
-        recorder.progress = lambda done: progress(done, total)
+    async with workers.Helpers(engine.url, plans[1:], report=report, stop=stop) as helpers:
+        own = await run_pass(engine, plans[0], progress=report(0), stop=stop)
+        for part in [own, *await helpers.results()]:
+            totals.sent += part.sent
+            totals.failed += part.failed
+    totals.retry_later = await asyncio.to_thread(
+        count_pending, engine, audience_id, target_ids, None
+    )
+    if progress:
+        progress(sum(done), total)
+    return totals
+
+
+async def run_pass(
+    engine: Engine,
+    plan: PassPlan,
+    *,
+    progress: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> DeliveryTotals:
+    """One process's part of a pass: claim pages, send, record; give back what is left."""
+    tray, audience = plan.tray, plan.audience
+    audience_id = audience.id if audience else None
+    label = audience.key if audience else "user deletions"
+    recorder = _Recorder(engine=engine, tray=tray, progress=progress, batch=tray.max_concurrency)
     # A crash sends again the calls started but not yet recorded: at most two rounds of the
     # concurrency limit (calls in flight, and answers being committed).
-    max_exposed = 2 * tray.max_concurrency * len(targets)
+    max_exposed = 2 * tray.max_concurrency * len(plan.targets)
 
     async def pipeline(client: TrayClient, target: Target) -> None:
-        queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=PAGE_SIZE)
+        queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=plan.page_size)
         breaker = _Breaker(threshold=max(BREAKER_MIN_FAILURES, tray.max_concurrency))
         limit = RateLimit(tray.max_requests_per_second) if tray.max_requests_per_second else None
 
@@ -529,7 +662,14 @@ async def deliver_audience(
             after = 0
             while not halted() and (
                 page := await asyncio.to_thread(
-                    _read_page, engine, audience_id, target.id, after, due
+                    _claim_page,
+                    engine,
+                    audience_id,
+                    target.id,
+                    after,
+                    plan.due,
+                    plan.claimer,
+                    plan.page_size,
                 )
             ):
                 for row in page:
@@ -569,22 +709,15 @@ async def deliver_audience(
     try:
         async with TrayClient(
             timeout_seconds=tray.timeout_seconds,
-            max_connections=tray.max_concurrency * len(targets),
+            max_connections=tray.max_concurrency * len(plan.targets),
             shared_secret=tray.shared_secret,
         ) as client:
-            await asyncio.gather(*(pipeline(client, t) for t in targets))
+            await asyncio.gather(*(pipeline(client, t) for t in plan.targets))
     finally:
         await recorder.close()
         await writing
-    logger.debug(
-        "%s: %d deliveries in %.1fs",
-        label,
-        recorder.done,
-        time.monotonic() - started,
-    )
-    recorder.totals.retry_later = await asyncio.to_thread(
-        count_pending, engine, audience_id, target_ids, None
-    )
-    if progress:
-        progress(recorder.done, total)
+        await asyncio.to_thread(
+            release_claims, engine, audience_id, [t.id for t in plan.targets], plan.claimer
+        )
+    logger.debug("%s: %d deliveries in %.1fs", label, recorder.done, time.monotonic() - started)
     return recorder.totals

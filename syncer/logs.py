@@ -29,7 +29,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# How this process's logging was configured: helper processes log the same way.
+configured: tuple[str, str] | None = None
+
+
 def configure(level: str, fmt: str) -> None:
+    global configured
+    configured = (level, fmt)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

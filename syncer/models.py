@@ -238,6 +238,9 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # The delivery process (host:pid:n) that took the row in its current or last pass. Kept
+    # once the row is sent or failed: who sent it. NULL on a row owed and not being sent.
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
 
 
 class UserDeletion(Base):

@@ -28,6 +28,8 @@ DEFAULT_DATABASE_URL = "sqlite:///syncer.db"
 DEFAULT_SOURCE = "default"
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_MAX_CONCURRENCY = 64
+DEFAULT_DELIVERY_PROCESSES = 1
+MAX_DELIVERY_PROCESSES = 16
 DEFAULT_MAX_ATTEMPTS = 100
 DEFAULT_MAX_AGE = "24h"
 DEFAULT_BACKOFF_BASE_SECONDS = 0.5
@@ -137,6 +139,9 @@ class TraySettings:
     backoff_max_seconds: float = DEFAULT_BACKOFF_MAX_SECONDS
     max_requests_per_second: float | None = None
     max_age_seconds: int = parse_duration(DEFAULT_MAX_AGE, what="default")
+    # Processes sharing a delivery pass; max_concurrency and max_requests_per_second are
+    # totals that they split between them.
+    delivery_processes: int = DEFAULT_DELIVERY_PROCESSES
 
     def require_urls(self) -> tuple[str, ...]:
         """The workflow URLs, for commands that send: at least one must be configured."""
@@ -234,6 +239,7 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             "backoff_max_seconds",
             "max_requests_per_second",
             "max_age",
+            "delivery_processes",
         },
         where="[tray]",
     )
@@ -267,6 +273,9 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             else _positive_number(
                 tray_raw["max_requests_per_second"], "[tray] max_requests_per_second"
             )
+        ),
+        delivery_processes=_delivery_processes(
+            tray_raw.get("delivery_processes", DEFAULT_DELIVERY_PROCESSES)
         ),
     )
 
@@ -400,6 +409,15 @@ def _positive_number(value: Any, what: str) -> float:
     ):
         raise ConfigError(f"{what} must be a positive number, got {value!r}")
     return float(value)
+
+
+def _delivery_processes(value: Any) -> int:
+    processes = _positive_int(value, "[tray] delivery_processes")
+    if processes > MAX_DELIVERY_PROCESSES:
+        raise ConfigError(
+            f"[tray] delivery_processes must be at most {MAX_DELIVERY_PROCESSES}, got {processes}"
+        )
+    return processes
 
 
 def _positive_int(value: Any, what: str) -> int:

@@ -6,7 +6,10 @@ once the receiver has recorded a given number of requests, so the kill lands whe
 scenario wants it whatever the machine's speed:
 
 - before the commit (the audience query is made slow; the run's row exists, nothing else);
-- early in delivery, and in the middle of it (on PostgreSQL).
+- early in delivery, and in the middle of it (on PostgreSQL);
+- in the middle of delivery with ``delivery_processes = 2``: the helper process dies with the
+  run's process (nothing keeps sending behind the next run's back), and what either had
+  claimed is sent by the next run.
 
 The second run uses more concurrency and must end with every user told, exit 0.
 """
@@ -48,11 +51,34 @@ class KillPoint:
     after_received: (
         int | None
     )  # kill once the receiver recorded this many; None: once the run began
+    processes: int = 1  # [tray] delivery_processes of the first run
 
 
 BEFORE_COMMIT = KillPoint(sql=SLOW_SQL, after_received=None)
 EARLY_DELIVERY = KillPoint(sql=FAST_SQL, after_received=150)
 MID_DELIVERY = KillPoint(sql=FAST_SQL, after_received=1200)
+MID_DELIVERY_TWO_PROCESSES = KillPoint(sql=FAST_SQL, after_received=1200, processes=2)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text_ = stat.read_text()
+        except OSError:
+            continue
+        if int(text_[text_.rindex(")") + 2 :].split()[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return state[state.rindex(")") + 2] == "Z"  # a zombie sends nothing
 
 
 def _wait_until(condition: Callable[[], bool], process: Any, what: str, timeout: float) -> None:
@@ -90,6 +116,12 @@ def _count(engine: Engine, table: str) -> int:
         pytest.param(
             "postgres", MID_DELIVERY, id="postgres-mid-delivery", marks=pytest.mark.postgres
         ),
+        pytest.param(
+            "postgres",
+            MID_DELIVERY_TWO_PROCESSES,
+            id="postgres-mid-delivery-two-processes",
+            marks=pytest.mark.postgres,
+        ),
     ],
 )
 def test_kill_9_loses_nothing(
@@ -110,7 +142,10 @@ def test_kill_9_loses_nothing(
                 USERS,
                 workflow_urls=[url],
                 shared_secret=TEST_SECRET,
-                tray={"max_concurrency": FIRST_RUN_CONCURRENCY},
+                tray={
+                    "max_concurrency": FIRST_RUN_CONCURRENCY,
+                    "delivery_processes": point.processes,
+                },
             )
             second_settings = p.write_settings(
                 "second-run.toml",
@@ -129,8 +164,14 @@ def test_kill_9_loses_nothing(
                     _wait_until(
                         lambda: len(rx.records()) >= wanted, syncer, f"{wanted} requests", 60
                     )
+                helpers = _children(syncer.pid)
+                assert len(helpers) == point.processes - 1, helpers
                 syncer.send_signal(signal.SIGKILL)
                 assert syncer.wait(timeout=10) == -signal.SIGKILL
+                deadline = time.monotonic() + 5
+                while not all(_gone(pid) for pid in helpers) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert all(_gone(pid) for pid in helpers), "a delivery helper outlived syncer"
             received_before_kill = len(rx.records())
 
             [killed] = _runs(state)

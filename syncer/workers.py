@@ -1,0 +1,196 @@
+"""Helper processes of a delivery pass (``python -m syncer.workers``, started by syncer only).
+
+With ``[tray] delivery_processes = N`` the process that holds an audience's lease starts N-1
+helpers for each delivery pass. Every process claims pages of the owed rows for itself
+(``FOR UPDATE SKIP LOCKED`` on PostgreSQL, see ``delivery._claim_page``) and sends them with its
+share of ``max_concurrency``, so no row is sent by two processes, and together they use more
+than the one core a Python process can.
+
+A helper lives no longer than its pass and its parent: the kernel kills it when the parent dies
+(``PR_SET_PDEATHSIG`` on Linux), so a ``kill -9`` of syncer leaves no helper sending behind
+the next lease holder's back; and it starts no new call once its stdin closes (the parent's
+shutdown). It reports progress and its totals as JSON lines on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import URL
+
+from syncer import logs
+
+if TYPE_CHECKING:
+    from syncer.delivery import DeliveryTotals, PassPlan
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+STOP_POLL_SECONDS = 0.1
+
+
+class Helpers:
+    """The helper processes of one pass, started on entry, killed on an error."""
+
+    def __init__(
+        self,
+        url: URL,
+        plans: Sequence[PassPlan],
+        *,
+        report: Callable[[int], Callable[[int], None]],
+        stop: threading.Event | None,
+    ) -> None:
+        self._url = url
+        self._plans = plans
+        self._report = report
+        self._stop = stop
+        self._processes: list[asyncio.subprocess.Process] = []
+        self._readers: list[asyncio.Task[DeliveryTotals]] = []
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Helpers:
+        try:
+            for n, plan in enumerate(self._plans, start=1):
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "syncer.workers",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                self._processes.append(process)
+                assert process.stdin is not None
+                url = self._url.render_as_string(hide_password=False)
+                process.stdin.write(pickle.dumps((os.getpid(), url, plan, logs.configured)))
+                await process.stdin.drain()
+                self._readers.append(asyncio.create_task(self._read(n, process)))
+        except BaseException:
+            await self._kill()
+            raise
+        if self._stop is not None and self._processes:
+            self._watcher = asyncio.create_task(self._watch(self._stop))
+        return self
+
+    async def _watch(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(STOP_POLL_SECONDS)
+        for process in self._processes:
+            if process.stdin is not None:
+                process.stdin.close()
+
+    async def _read(self, n: int, process: asyncio.subprocess.Process) -> DeliveryTotals:
+        from syncer.delivery import DeliveryTotals
+
+        update = self._report(n)
+        totals: DeliveryTotals | None = None
+        assert process.stdout is not None
+        async for line in process.stdout:
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if "done" in message:
+                    update(int(message["done"]))
+                if "sent" in message:
+                    totals = DeliveryTotals(sent=message["sent"], failed=message["failed"])
+        code = await process.wait()
+        if code != 0 or totals is None:
+            # What it claimed stays owed: the next pass clears its claims and sends it.
+            logger.warning("delivery helper process %d ended with exit code %d", n, code)
+            return DeliveryTotals()
+        return totals
+
+    async def results(self) -> list[DeliveryTotals]:
+        """Every helper's totals, once all have finished."""
+        return list(await asyncio.gather(*self._readers))
+
+    async def _kill(self) -> None:
+        for process in self._processes:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+        for process in self._processes:
+            await process.wait()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if exc is not None:
+            await self._kill()
+        for process in self._processes:
+            if process.stdin is not None:
+                process.stdin.close()
+        for reader in self._readers:
+            if exc is not None:
+                reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to kill this process when its parent dies (Linux only)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def main() -> None:
+    parent, url, plan, log_config = pickle.load(sys.stdin.buffer)
+    _die_with_parent(parent)
+    if log_config is not None:
+        logs.configure(*log_config)
+    stop = threading.Event()
+
+    def watch_stdin() -> None:
+        # EOF: the parent is shutting down (or gone): start no new call.
+        while os.read(0, 4096):  # unbuffered: no lock held at interpreter exit
+            pass
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    try:
+        totals = asyncio.run(_run(url, plan, stop))
+    except Exception as exc:
+        # One line for the operator; the parent logs the exit code, the next pass resends.
+        print(f"syncer delivery helper: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps({"sent": totals.sent, "failed": totals.failed}), flush=True)
+
+
+async def _run(url: str, plan: PassPlan, stop: threading.Event) -> DeliveryTotals:
+    from sqlalchemy import make_url
+
+    from syncer import db
+    from syncer.delivery import new_claimer, run_pass
+
+    def progress(done: int) -> None:
+        print(json.dumps({"done": done}), flush=True)
+
+    plan = dataclasses.replace(plan, claimer=new_claimer())  # named after this process
+    engine = db.open_state(make_url(url))
+    try:
+        return await run_pass(engine, plan, progress=progress, stop=stop)
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    main()

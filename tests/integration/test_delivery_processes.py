@@ -1,0 +1,65 @@
+"""``[tray] delivery_processes``: helper processes share a delivery pass.
+
+Each process claims pages of owed rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and records
+who took them in ``deliveries.claimed_by``; no message may be sent twice and none left out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from tests.integration.conftest import World
+
+KEY = "pro_users"
+USERS = [f"user-{i:05d}" for i in range(3000)]
+
+
+def test_two_processes_share_a_pass_and_send_every_message_once(world: World) -> None:
+    w = world
+    w.set_users(USERS)
+    w.configure(w.urls, delivery_processes=2, max_concurrency=8)
+    w.create()
+
+    result = w.sync(KEY)
+
+    assert (result.status, result.sent, result.failed) == ("succeeded", 2 * len(USERS), 0)
+    for path in ("w1", "w2"):
+        requests = w.rx.requests(path)
+        assert len(requests) == len(USERS), "a message was sent twice or not at all"
+        assert sorted(r.user_id for r in requests) == USERS
+        assert all(r.accepted and r.signature_ok for r in requests)
+    # Both processes took part: the rows name two different pids.
+    claimers = Counter(
+        row.claimed_by.rsplit(":", 2)[1]
+        for row in w.rows("SELECT claimed_by FROM deliveries WHERE status = 'sent'")
+    )
+    assert len(claimers) == 2, claimers
+    assert min(claimers.values()) >= 500, claimers  # pages of 500: each took at least one
+    # Nothing owed is left claimed.
+    assert w.scalar("SELECT count(*) FROM deliveries WHERE status = 'pending'") == 0
+
+
+def test_a_shutdown_stops_the_helpers_and_what_they_held_is_sent_next_time(
+    world: World,
+) -> None:
+    w = world
+    w.set_users(USERS)
+    w.configure(w.urls[:1], delivery_processes=2, max_concurrency=2)
+    w.create()
+    w.rx.set_status("w1", "slow")  # every call times out: the first pass gets nowhere fast
+    w.configure(w.urls[:1], delivery_processes=2, max_concurrency=2, timeout_seconds=0.2)
+
+    first = w.sync(KEY)
+
+    assert first.sent == 0
+    assert (
+        w.scalar(
+            "SELECT count(*) FROM deliveries WHERE claimed_by IS NOT NULL AND status = 'pending'"
+        )
+        == 0
+    )
+    w.rx.set_status("w1", None)
+    w.rx.clear_records()
+    second = w.sync(KEY)
+    assert second.status == "succeeded"
+    assert sorted(r.user_id for r in w.rx.accepted("w1")) == USERS
