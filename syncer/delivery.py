@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 PAGE_SIZE = 2_000
 # Smaller pages when processes share a pass, so that none is left with a long tail at the end.
 SHARED_PAGE_SIZE = 500
+HELPERS_MIN_OWED = 2_000
 BREAKER_MIN_FAILURES = 8
 TRIES_PER_PASS = 3
 MAX_PASS_DELAY_SECONDS = 3600.0
@@ -142,7 +143,8 @@ class _Recorder:
 
     engine: Engine
     tray: TraySettings
-    progress: Callable[[int], None] | None = None
+    # Called after each write with what is recorded so far: (outcomes, their totals).
+    progress: Callable[[int, DeliveryTotals], None] | None = None
     batch: int = 64
     outcomes: list[Outcome] = field(default_factory=list)
     totals: DeliveryTotals = field(default_factory=DeliveryTotals)
@@ -190,7 +192,7 @@ class _Recorder:
                     async with self._written:
                         self._written.notify_all()
                     if self.progress:
-                        self.progress(self.done)
+                        self.progress(self.done, self.totals)
                 if self._closing and not self.outcomes:
                     return
         except BaseException as exc:
@@ -597,7 +599,12 @@ async def deliver_audience(
     totals.failed += await asyncio.to_thread(expire_overdue, engine, audience_id, target_ids, tray)
     if total == 0:
         return totals
-    shares = share_out(tray)
+    # Helper processes only pay for their start-up (about half a second) on a large pass.
+    shares = (
+        share_out(tray)
+        if total >= HELPERS_MIN_OWED
+        else share_out(replace(tray, delivery_processes=1))
+    )
     plans = [
         PassPlan(
             audience=audience,
@@ -611,8 +618,8 @@ async def deliver_audience(
     ]
     done = [0] * len(plans)
 
-    def report(n: int) -> Callable[[int], None]:
-        def update(count: int) -> None:
+    def report(n: int) -> Callable[[int, DeliveryTotals], None]:
+        def update(count: int, _recorded: DeliveryTotals) -> None:
             done[n] = count
             if progress:
                 progress(sum(done), total)
@@ -638,7 +645,7 @@ async def run_pass(
     engine: Engine,
     plan: PassPlan,
     *,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, DeliveryTotals], None] | None = None,
     stop: threading.Event | None = None,
 ) -> DeliveryTotals:
     """One process's part of a pass: claim pages, send, record; give back what is left."""

@@ -34,7 +34,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from syncer import privacy
 from syncer.models import (
@@ -65,10 +65,12 @@ STAGED = Table(
     prefixes=["TEMPORARY"],
     sqlite_with_rowid=False,
 )
-STAGED_RAW = Table(
-    "syncer_staged_raw",
-    _temp,
-    Column("user_id", exact_string(USER_ID_LENGTH)),
+# PostgreSQL loads ``syncer_staged`` as a plain heap and adds the primary key afterwards: a
+# B-tree built once from all the ids is several times faster than one grown row by row.
+STAGED_HEAP = Table(
+    "syncer_staged",
+    MetaData(),
+    Column("user_id", exact_string(USER_ID_LENGTH), nullable=False),
     prefixes=["TEMPORARY"],
 )
 CHANGES = Table(
@@ -99,7 +101,7 @@ class Diff:
 
 def reset_temp_tables(conn: Connection) -> None:
     with conn.begin():
-        for table in (CHANGES, STAGED_RAW, STAGED):
+        for table in (CHANGES, STAGED):
             table.drop(conn, checkfirst=True)
 
 
@@ -109,37 +111,67 @@ def stage(conn: Connection, source: Source | None, sql: str) -> Staged:
     Without a source the audience is being retired: its new snapshot is empty.
     """
     reset_temp_tables(conn)
+    postgres = conn.dialect.name == "postgresql"
     with conn.begin():
-        STAGED.create(conn)
+        (STAGED_HEAP if postgres else STAGED).create(conn)
     if source is None:
-        return Staged(members=0, skipped=0)
-    if source.same_as_state:
-        return _stage_in_place(conn, source, sql)
-    return _stage_streamed(conn, source, sql)
+        skipped = 0
+    elif source.same_as_state:
+        skipped = _stage_in_place(conn, source, sql)
+    else:
+        skipped = _stage_streamed(conn, source, sql)
+    if postgres:
+        _key_postgres_stage(conn)
+    with conn.begin():
+        members = conn.execute(select(func.count()).select_from(STAGED)).scalar_one()
+    return Staged(members=int(members), skipped=skipped)
 
 
-def _stage_in_place(conn: Connection, source: Source, sql: str) -> Staged:
-    """Source and state are one database: ``INSERT … SELECT``, no round trip through Python."""
+def _key_postgres_stage(conn: Connection) -> None:
+    """Give the heap-loaded ``syncer_staged`` its primary key (collapsing duplicate ids first,
+    the rare case) and statistics for the anti-joins."""
+    add_key = "ALTER TABLE syncer_staged ADD PRIMARY KEY (user_id)"
+    with conn.begin():
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql(add_key)
+        except IntegrityError:
+            conn.exec_driver_sql(
+                "DELETE FROM syncer_staged a USING syncer_staged b "
+                "WHERE a.user_id = b.user_id AND a.ctid > b.ctid"
+            )
+            conn.exec_driver_sql(add_key)
+        conn.exec_driver_sql("ANALYZE syncer_staged")
+
+
+def _stage_in_place(conn: Connection, source: Source, sql: str) -> int:
+    """Source and state are one database: ``INSERT … SELECT``, no round trip through Python.
+    Returns how many rows were skipped (NULL, blank or over-long ids)."""
     try:
         with read_only(conn, source.settings.query_timeout_seconds, commit=True):
             query = member_query(sql, id_column(conn, sql))
             if conn.dialect.name in ("mysql", "mariadb"):
                 # DISTINCT would follow the source column's collation (often case-blind).
                 load = insert(STAGED).prefix_with("IGNORE").from_select(["user_id"], query.members)
-            else:
-                load = insert(STAGED).from_select(["user_id"], query.members.distinct())
+            elif conn.dialect.name == "sqlite":
+                # The primary key collapses duplicates: no sort for DISTINCT first.
+                load = (
+                    insert(STAGED).prefix_with("OR IGNORE").from_select(["user_id"], query.members)
+                )
+            else:  # PostgreSQL: into the heap; duplicates collapse when the key is added
+                load = insert(STAGED).from_select(["user_id"], query.members)
             conn.execute(load)
             skipped = conn.execute(
                 select(func.count()).select_from(query.rows).where(~query.valid)
             ).scalar_one()
-            members = conn.execute(select(func.count()).select_from(STAGED)).scalar_one()
     except SQLAlchemyError as exc:
         raise run_error(source, exc) from None
-    return Staged(members=int(members), skipped=int(skipped))
+    return int(skipped)
 
 
-def _stage_streamed(conn: Connection, source: Source, sql: str) -> Staged:
-    """Different databases: stream ids from the source in batches into the state database."""
+def _stage_streamed(conn: Connection, source: Source, sql: str) -> int:
+    """Different databases: stream ids from the source in batches into the state database.
+    Returns how many rows were skipped (NULL, blank or over-long ids)."""
     skipped = 0
     try:
         with source.engine.connect() as src, read_only(src, source.settings.query_timeout_seconds):
@@ -155,21 +187,18 @@ def _stage_streamed(conn: Connection, source: Source, sql: str) -> Staged:
                         continue
                     ids.append(user_id)
                 loader.load(ids)
-            members = loader.finish()
     except SQLAlchemyError as exc:
         raise run_error(source, exc) from None
-    return Staged(members=members, skipped=skipped)
+    return skipped
 
 
 class _Loader:
-    """Bulk-loads ids into ``syncer_staged`` the fastest way the state database allows."""
+    """Bulk-loads ids into ``syncer_staged`` the fastest way the state database allows:
+    COPY on PostgreSQL (into the heap, keyed afterwards), ``INSERT OR IGNORE`` on SQLite."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.dialect = conn.dialect.name
-        if self.dialect == "postgresql":
-            with conn.begin():
-                STAGED_RAW.create(conn)
 
     def load(self, ids: list[str]) -> None:
         if not ids:
@@ -180,7 +209,7 @@ class _Loader:
                 assert raw is not None
                 with (
                     raw.cursor() as cursor,  # type: ignore[attr-defined]
-                    cursor.copy("COPY syncer_staged_raw (user_id) FROM STDIN") as copy,
+                    cursor.copy("COPY syncer_staged (user_id) FROM STDIN") as copy,
                 ):
                     for user_id in ids:
                         copy.write_row((user_id,))
@@ -193,16 +222,6 @@ class _Loader:
                 self.conn.execute(
                     insert(STAGED).prefix_with("IGNORE"), [{"user_id": u} for u in ids]
                 )
-
-    def finish(self) -> int:
-        with self.conn.begin():
-            if self.dialect == "postgresql":
-                self.conn.execute(
-                    insert(STAGED).from_select(["user_id"], select(STAGED_RAW.c.user_id).distinct())
-                )
-                STAGED_RAW.drop(self.conn)
-                self.conn.exec_driver_sql("ANALYZE syncer_staged")
-            return int(self.conn.execute(select(func.count()).select_from(STAGED)).scalar_one())
 
 
 def current_members(audience_id: int) -> object:

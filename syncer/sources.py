@@ -31,7 +31,10 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import Select
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from syncer.db import create_source_engine
 from syncer.errors import AudienceError, SourceError
@@ -169,10 +172,9 @@ def member_query(sql: str, id_name: str) -> MemberQuery:
     """
     rows = text(sql).columns(column(id_name)).subquery("audience_query")
     user_id = cast(rows.c[id_name], Text)
-    spaced = func.replace(func.replace(func.replace(user_id, "\t", " "), "\n", " "), "\r", " ")
     valid = and_(
         rows.c[id_name].is_not(None),
-        func.trim(spaced) != "",
+        _Unblanked(user_id) != "",
         func.length(user_id) <= USER_ID_LENGTH,
     )
     return MemberQuery(
@@ -185,6 +187,30 @@ def member_query(sql: str, id_name: str) -> MemberQuery:
 
 
 BLANK_CHARACTERS = " \t\r\n"
+
+
+class _Unblanked(FunctionElement[str]):
+    """The id with BLANK_CHARACTERS trimmed from both ends: ``trim(id, ' \t\r\n')`` where the
+    database has it (several times faster than nested replaces on a million rows)."""
+
+    type = Text()
+    inherit_cache = True
+
+
+@compiles(_Unblanked)
+def _unblanked_portable(element: _Unblanked, compiler: SQLCompiler, **kw: Any) -> str:
+    spaced = func.replace(
+        func.replace(func.replace(*element.clauses, "\t", " "), "\n", " "), "\r", " "
+    )
+    return compiler.process(func.trim(spaced), **kw)
+
+
+@compiles(_Unblanked, "sqlite")
+@compiles(_Unblanked, "postgresql")
+def _unblanked_trim(element: _Unblanked, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(func.trim(*element.clauses, literal(BLANK_CHARACTERS)), **kw)
+
+
 # A bound parameter (see id_column): it keeps the driver from running several statements.
 _ONE_STATEMENT = literal(1) == literal(1)
 

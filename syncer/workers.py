@@ -50,7 +50,7 @@ class Helpers:
         url: URL,
         plans: Sequence[PassPlan],
         *,
-        report: Callable[[int], Callable[[int], None]],
+        report: Callable[[int], Callable[[int, DeliveryTotals], None]],
         stop: threading.Event | None,
     ) -> None:
         self._url = url
@@ -95,21 +95,21 @@ class Helpers:
         from syncer.delivery import DeliveryTotals
 
         update = self._report(n)
-        totals: DeliveryTotals | None = None
+        # What the helper has recorded so far; its last line is its final totals.
+        recorded = DeliveryTotals()
         assert process.stdout is not None
         async for line in process.stdout:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 message = json.loads(line)
+                recorded = DeliveryTotals(sent=int(message["sent"]), failed=int(message["failed"]))
                 if "done" in message:
-                    update(int(message["done"]))
-                if "sent" in message:
-                    totals = DeliveryTotals(sent=message["sent"], failed=message["failed"])
+                    update(int(message["done"]), recorded)
         code = await process.wait()
-        if code != 0 or totals is None:
-            # What it claimed stays owed: the next pass clears its claims and sends it.
+        if code != 0:
+            # What it claimed and did not record stays owed: the next pass clears its claims
+            # and sends it. What it recorded is counted.
             logger.warning("delivery helper process %d ended with exit code %d", n, code)
-            return DeliveryTotals()
-        return totals
+        return recorded
 
     async def results(self) -> list[DeliveryTotals]:
         """Every helper's totals, once all have finished."""
@@ -181,8 +181,9 @@ async def _run(url: str, plan: PassPlan, stop: threading.Event) -> DeliveryTotal
     from syncer import db
     from syncer.delivery import new_claimer, run_pass
 
-    def progress(done: int) -> None:
-        print(json.dumps({"done": done}), flush=True)
+    def progress(done: int, recorded: DeliveryTotals) -> None:
+        line = {"done": done, "sent": recorded.sent, "failed": recorded.failed}
+        print(json.dumps(line), flush=True)
 
     plan = dataclasses.replace(plan, claimer=new_claimer())  # named after this process
     engine = db.open_state(make_url(url))
