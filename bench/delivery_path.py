@@ -7,8 +7,10 @@ Python HTTP clients, all to the same loopback receiver (``bench.receiver``, its 
   pending, outside the clock.
 - **aiohttp**: one ``aiohttp.ClientSession`` (connector limit = the same concurrency) posting
   the same bodies, prebuilt, from that many workers: the fastest raw Python client here.
-- **httpx-aiohttp**: ``httpx.AsyncClient(transport=AiohttpTransport(...))``, no database: what
-  the HTTP stack syncer uses costs on its own.
+- **syncer-http**: ``syncer.tray.TrayClient`` (``httpx.Request`` through syncer's own aiohttp
+  transport), no database: what syncer's HTTP stack costs on its own.
+- **httpx-aiohttp**: ``httpx.AsyncClient(transport=httpx_aiohttp.AiohttpTransport(...))``, no
+  database: the general-purpose httpx transport on aiohttp.
 - **httpx**: ``httpx.AsyncClient`` on its default transport, for reference (fewer calls: it is
   slow).
 
@@ -42,7 +44,7 @@ from syncer import audiences, db, sync
 from syncer.delivery import Audience, Target, deliver_audience, register_destinations
 from syncer.models import RUN_SUCCEEDED
 from syncer.settings import DEFAULT_MAX_CONCURRENCY, TraySettings, parse_settings
-from syncer.tray import identify_body, identify_message_id
+from syncer.tray import TrayClient, identify_body, identify_message_id
 
 HEADERS = {"Content-Type": "application/json", "User-Agent": "syncer-bench"}
 HTTPX_DEFAULT_MAX_CALLS = 1_000
@@ -126,6 +128,17 @@ async def httpx_aiohttp_client(url: str, bodies: list[bytes], concurrency: int) 
     await _httpx_client(client, url, bodies, concurrency)
 
 
+async def syncer_http_client(url: str, bodies: list[bytes], concurrency: int) -> None:
+    async with TrayClient(
+        timeout_seconds=5.0, max_connections=concurrency, shared_secret=None
+    ) as client:
+
+        async def post(body: bytes) -> None:
+            await client.post(url, body)
+
+        await _run_workers(concurrency, bodies, post)
+
+
 def _run_client(
     client: Callable[[str, list[bytes], int], Awaitable[None]],
     url: str,
@@ -137,6 +150,7 @@ def _run_client(
 
 RAW_CLIENTS: dict[str, Callable[[str, list[bytes], int], Awaitable[None]]] = {
     "aiohttp": aiohttp_client,
+    "syncer-http": syncer_http_client,
     "httpx-aiohttp": httpx_aiohttp_client,
     "httpx": httpx_default_client,
 }

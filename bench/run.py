@@ -225,6 +225,7 @@ def delivery_table(result: delivery_path.Result) -> str:
     for name, rate in result.raw.items():
         label = {
             "aiohttp": "aiohttp.ClientSession (raw)",
+            "syncer-http": "syncer TrayClient, no database",
             "httpx-aiohttp": "httpx + AiohttpTransport (raw)",
             "httpx": "httpx default transport (raw)",
         }[name]

@@ -12,9 +12,13 @@ transaction.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -51,7 +55,15 @@ from syncer.models import (
     exact_string,
     owed,
 )
-from syncer.sources import Source, id_column, is_valid_id, member_query, read_only, run_error
+from syncer.sources import (
+    BLANK_CHARACTERS,
+    Source,
+    id_column,
+    is_valid_id,
+    member_query,
+    read_only,
+    run_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -171,57 +183,99 @@ def _stage_in_place(conn: Connection, source: Source, sql: str) -> int:
 
 def _stage_streamed(conn: Connection, source: Source, sql: str) -> int:
     """Different databases: stream ids from the source in batches into the state database.
-    Returns how many rows were skipped (NULL, blank or over-long ids)."""
+    Returns how many rows were skipped (NULL, blank or over-long ids).
+
+    Rows come straight from the driver's cursor (``fetchmany``: plain tuples, no result-row
+    objects) and go to the state database in one transaction."""
     skipped = 0
     try:
         with source.engine.connect() as src, read_only(src, source.settings.query_timeout_seconds):
             id_name = id_column(src, sql)
-            raw = member_query(sql, id_name).raw
-            result = src.execution_options(stream_results=True, yield_per=STREAM_BATCH).execute(raw)
-            loader = _Loader(conn)
-            for batch in result.partitions(STREAM_BATCH):
-                ids = []
-                for (value,) in batch:
-                    if value is None or not is_valid_id(user_id := str(value)):
-                        skipped += 1
-                        continue
-                    ids.append(user_id)
-                loader.load(ids)
+            with _driver_cursor(src, member_query(sql, id_name).raw) as cursor, conn.begin():
+                load = _loader(conn)
+                while batch := cursor.fetchmany(STREAM_BATCH):
+                    rows, bad = _valid_rows(batch)
+                    skipped += bad
+                    if rows:
+                        load(rows)
     except SQLAlchemyError as exc:
+        raise run_error(source, exc) from None
+    except source.engine.dialect.loaded_dbapi.Error as exc:  # from the driver's own cursor
         raise run_error(source, exc) from None
     return skipped
 
 
-class _Loader:
-    """Bulk-loads ids into ``syncer_staged`` the fastest way the state database allows:
-    COPY on PostgreSQL (into the heap, keyed afterwards), ``INSERT OR IGNORE`` on SQLite."""
+@contextlib.contextmanager
+def _driver_cursor(src: Connection, query: Select[Any]) -> Iterator[Any]:
+    """The query's rows straight from the driver: a server-side cursor on PostgreSQL (the
+    rows arrive as they are fetched), the driver's cursor elsewhere."""
+    compiled = query.compile(dialect=src.dialect)
+    params: Any = compiled.params
+    if compiled.positiontup is not None:
+        params = tuple(compiled.params[name] for name in compiled.positiontup)
+    raw: Any = src.connection.dbapi_connection
+    # fetchmany() sets how many rows each round trip of the server-side cursor brings.
+    cursor = raw.cursor(name="syncer_source") if src.dialect.name == "postgresql" else raw.cursor()
+    try:
+        cursor.execute(str(compiled), params)
+        yield cursor
+    finally:
+        cursor.close()
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.dialect = conn.dialect.name
 
-    def load(self, ids: list[str]) -> None:
-        if not ids:
-            return
-        with self.conn.begin():
-            if self.dialect == "postgresql":
-                raw = self.conn.connection.dbapi_connection
-                assert raw is not None
-                with (
-                    raw.cursor() as cursor,  # type: ignore[attr-defined]
-                    cursor.copy("COPY syncer_staged (user_id) FROM STDIN") as copy,
-                ):
-                    for user_id in ids:
-                        copy.write_row((user_id,))
-            elif self.dialect == "sqlite":
-                self.conn.exec_driver_sql(
-                    "INSERT OR IGNORE INTO syncer_staged (user_id) VALUES (?)",
-                    [(user_id,) for user_id in ids],
-                )
-            else:
-                self.conn.execute(
-                    insert(STAGED).prefix_with("IGNORE"), [{"user_id": u} for u in ids]
-                )
+def _valid_rows(batch: Sequence[Any]) -> tuple[list[tuple[str]], int]:
+    """The rows whose id is valid, as ``(id,)`` text tuples, and how many were not.
+    The fast path keeps the driver's own tuples when every id is already valid text."""
+    good = [
+        row
+        for row in batch
+        if type(row[0]) is str and row[0].strip(BLANK_CHARACTERS) and len(row[0]) <= USER_ID_LENGTH
+    ]
+    if len(good) == len(batch):
+        return good, 0
+    good = []
+    for (value,) in batch:
+        if value is not None and is_valid_id(user_id := str(value)):
+            good.append((user_id,))
+    return good, len(batch) - len(good)
+
+
+_COPY_ESCAPED = re.compile(r"[\\\t\n\r]")
+
+
+def _loader(conn: Connection) -> Callable[[list[tuple[str]]], None]:
+    """A function that bulk-loads ``(id,)`` rows into ``syncer_staged`` the fastest way the
+    state database allows: COPY on PostgreSQL (into the heap, keyed afterwards), ``INSERT OR
+    IGNORE`` on SQLite."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+
+        def copy_rows(rows: list[tuple[str]]) -> None:
+            with (
+                raw.cursor() as cursor,  # type: ignore[attr-defined]
+                cursor.copy("COPY syncer_staged (user_id) FROM STDIN") as copy,
+            ):
+                block = "\n".join(row[0] for row in rows)
+                if _COPY_ESCAPED.search(block):  # rare: ids that COPY's text format must escape
+                    for row in rows:
+                        copy.write_row(row)
+                else:
+                    copy.write(block + "\n")
+
+        return copy_rows
+    if dialect == "sqlite":
+
+        def insert_rows(rows: list[tuple[str]]) -> None:
+            conn.exec_driver_sql("INSERT OR IGNORE INTO syncer_staged (user_id) VALUES (?)", rows)
+
+        return insert_rows
+
+    def insert_ignore(rows: list[tuple[str]]) -> None:
+        conn.execute(insert(STAGED).prefix_with("IGNORE"), [{"user_id": row[0]} for row in rows])
+
+    return insert_ignore
 
 
 def current_members(audience_id: int) -> object:

@@ -251,7 +251,7 @@ def describe_db_error(exc: BaseException) -> str:
     return message.splitlines()[0] if message else type(orig).__name__
 
 
-def run_error(source: Source, exc: SQLAlchemyError) -> SourceError:
+def run_error(source: Source, exc: Exception) -> SourceError:
     return SourceError(
         f"the audience query failed on source {source.name!r}: {describe_db_error(exc)}"
     )
