@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
 
-from sqlalchemy import Engine, exists, func, insert, select, update
+from sqlalchemy import Engine, and_, exists, func, insert, select, update
 
 from syncer import workers
 from syncer.db import write_transaction
@@ -418,11 +418,16 @@ def release_claims(
 
     The lease holder clears every claim before a pass: a claim left by a process that died
     is void, since only the lease holder and its helper processes deliver an audience."""
-    mine = D.c.claimed_by.is_not(None) if claimer is None else D.c.claimed_by == claimer
+    # The same terms as the partial index ix_deliveries_claimed_owed, so that it is used.
+    claimed = (
+        and_(D.c.claimed_by.is_not(None), D.c.status == DELIVERY_PENDING)
+        if claimer is None
+        else and_(D.c.claimed_by == claimer, D.c.status == DELIVERY_PENDING)
+    )
     with write_transaction(engine) as conn:
         return (
             conn.execute(
-                update(D).where(owed(audience_id, destination_ids), mine).values(claimed_by=None)
+                update(D).where(claimed, owed(audience_id, destination_ids)).values(claimed_by=None)
             ).rowcount
             or 0
         )

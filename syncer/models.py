@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     and_,
+    text,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -202,6 +203,9 @@ class Membership(Base):
     exited_run_id: Mapped[int | None] = mapped_column(ForeignKey("sync_runs.id"))
 
 
+CLAIMED_OWED = "claimed_by IS NOT NULL AND status = 'pending'"
+
+
 class Delivery(Base):
     """The outbox and its history: one message for one user to one destination."""
 
@@ -219,6 +223,13 @@ class Delivery(Base):
         Index(None, "audience_id", "user_id"),
         Index(None, "run_id", "status"),
         Index(None, "deletion_id"),
+        # Claimed rows still owed: few at any time, found without reading every owed row.
+        Index(
+            "ix_deliveries_claimed_owed",
+            "claimed_by",
+            postgresql_where=text(CLAIMED_OWED),
+            sqlite_where=text(CLAIMED_OWED),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

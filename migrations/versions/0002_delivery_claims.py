@@ -18,11 +18,23 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# Claimed rows still owed (syncer.models.CLAIMED_OWED): a partial index where the database
+# has them, so a pass finds its claims without reading every owed row.
+CLAIMED_OWED = "claimed_by IS NOT NULL AND status = 'pending'"
+
+
 def upgrade() -> None:
     with op.batch_alter_table("deliveries") as batch:
         batch.add_column(sa.Column("claimed_by", sa.String(64), nullable=True))
+        batch.create_index(
+            "ix_deliveries_claimed_owed",
+            ["claimed_by"],
+            postgresql_where=sa.text(CLAIMED_OWED),
+            sqlite_where=sa.text(CLAIMED_OWED),
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("deliveries") as batch:
+        batch.drop_index("ix_deliveries_claimed_owed")
         batch.drop_column("claimed_by")

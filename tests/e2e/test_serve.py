@@ -280,17 +280,23 @@ def test_serve_runs_audiences_and_follows_cli_changes(
 # -- 2. SIGTERM ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("processes", "count"),
+    # 2,400 users: enough for the run to start a helper process (2,000 rows owed or more)
+    [(1, 400), (2, 2400)],
+    ids=["one-process", "with-a-helper"],
+)
 def test_sigterm_exits_within_the_grace_and_loses_nothing(
-    make_site: SiteFactory, sqlite_url: str
+    make_site: SiteFactory, sqlite_url: str, processes: int, count: int
 ) -> None:
-    users = [f"user-{i:04d}" for i in range(400)]
+    users = [f"user-{i:04d}" for i in range(count)]
     key = "sigterm_audience"
     with SlowReceiver(secret=TEST_SECRET, delay=0.05) as rx:
         site = make_site(
             sqlite_url,
             users,
             workflow_urls=[rx.url("w1")],
-            tray={"max_concurrency": 4},
+            tray={"max_concurrency": 4, "delivery_processes": processes},
             extra=GRACE,
         )
         assert site.create("SIGTERM Audience", SQL, "1h") == key
