@@ -207,15 +207,20 @@ def _stage_streamed(conn: Connection, source: Source, sql: str) -> int:
 
 @contextlib.contextmanager
 def _driver_cursor(src: Connection, query: Select[Any]) -> Iterator[Any]:
-    """The query's rows straight from the driver: a server-side cursor on PostgreSQL (the
-    rows arrive as they are fetched), the driver's cursor elsewhere."""
+    """The query's rows straight from the driver, arriving as they are fetched."""
     compiled = query.compile(dialect=src.dialect)
     params: Any = compiled.params
     if compiled.positiontup is not None:
         params = tuple(compiled.params[name] for name in compiled.positiontup)
     raw: Any = src.connection.dbapi_connection
-    # fetchmany() sets how many rows each round trip of the server-side cursor brings.
-    cursor = raw.cursor(name="syncer_source") if src.dialect.name == "postgresql" else raw.cursor()
+    # Server-side cursors where the driver buffers everything otherwise; fetchmany() sets how
+    # many rows each round trip brings.
+    if src.dialect.name == "postgresql":
+        cursor = raw.cursor(name="syncer_source")
+    elif src.dialect.name in ("mysql", "mariadb"):
+        cursor = raw.cursor(src.dialect.loaded_dbapi.cursors.SSCursor)
+    else:
+        cursor = raw.cursor()
     try:
         cursor.execute(str(compiled), params)
         yield cursor

@@ -345,6 +345,9 @@ def test_workflow_urls_must_be_a_list(tmp_path: Path) -> None:
         ("max_attempts", "-3"),
         ("backoff_base_seconds", "0"),
         ("backoff_max_seconds", "-0.5"),
+        ("delivery_processes", "0"),
+        ("delivery_processes", "1.5"),
+        ("delivery_processes", '"2"'),
     ],
 )
 def test_non_positive_tray_numbers_are_refused(tmp_path: Path, key: str, value: str) -> None:
@@ -371,6 +374,13 @@ def test_tray_numbers_are_read(tmp_path: Path) -> None:
         backoff_base_seconds=0.1,
         backoff_max_seconds=4.0,
     )
+
+
+def test_delivery_processes_defaults_to_two_and_is_capped(tmp_path: Path) -> None:
+    assert load(tmp_path, "").tray.delivery_processes == 2
+    assert load(tmp_path, "[tray]\ndelivery_processes = 16\n").tray.delivery_processes == 16
+    message = refusal(tmp_path, "[tray]\ndelivery_processes = 17\n")
+    assert message == "[tray] delivery_processes must be at most 16, got 17"
 
 
 def test_empty_shared_secret_is_refused(tmp_path: Path) -> None:
