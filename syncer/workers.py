@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -66,10 +67,12 @@ class Helpers:
             for n, plan in enumerate(self._plans, start=1):
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
+                    "-P",  # not the cwd first on the path: the parent's syncer (_env), always
                     "-m",
                     "syncer.workers",
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
+                    env=_env(),
                 )
                 self._processes.append(process)
                 assert process.stdin is not None
@@ -141,6 +144,16 @@ class Helpers:
                 reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+
+
+def _env() -> dict[str, str] | None:
+    """The helper's environment: this one, and when this process imported syncer from the
+    current folder (``-P`` keeps the helper from looking there), that folder on PYTHONPATH."""
+    root = Path(__file__).resolve().parent.parent
+    if root != Path.cwd().resolve():
+        return None  # installed: the helper finds the same syncer the same way
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), path) if p)}
 
 
 def _die_with_parent(parent: int) -> None:
