@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 
 from bench import data
 from bench.databases import Databases
-from bench.processes import ReceiverProcess, run_checked
+from bench.processes import ReceiverProcess, run_checked, syncer_project
 from syncer import db
 from syncer.models import SyncRun
 
@@ -98,23 +98,16 @@ def _one(
     say: Callable[[str], None],
 ) -> Result:
     state = dbs.make(kind, f"initial_{kind[:2]}")
-    folder = dbs.workdir / f"initial-{kind}"
-    folder.mkdir(exist_ok=True)
-    settings = folder / "settings.toml"
-    settings.write_text(
-        f'[database]\nurl = "{state.url}"\n\n'
-        f'[sources.default]\nurl = "sqlite:///{warehouse}"\n\n'
-        f'[tray]\nworkflow_urls = ["{receiver.url("initial-" + kind)}"]\n'
-    )
-    syncer = ["-m", "syncer", "--settings", str(settings)]
-    run_checked([*syncer, "db", "upgrade"], cwd=folder)
-    run_checked(
-        [*syncer, "audience", "create", AUDIENCE_NAME, "--sql", "SELECT user_id FROM members"],
-        cwd=folder,
+    project = syncer_project(
+        dbs.workdir / f"initial-{kind}",
+        state.url,
+        warehouse,
+        receiver.url("initial-" + kind),
+        AUDIENCE_NAME,
     )
     before = receiver.requests()
     say(f"    initial {kind:10} {size:>10,}: running syncer sync …")
-    finished = run_checked([*syncer, "sync", AUDIENCE_KEY, "--json"], cwd=folder)
+    finished = run_checked([*project.cli, "sync", AUDIENCE_KEY, "--json"], cwd=project.folder)
     arrived = receiver.requests() - before
     (run,) = json.loads(finished.stdout)
     if run["status"] != "succeeded" or run["sent"] != size or arrived != size:

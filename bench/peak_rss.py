@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from bench import data
 from bench.databases import Databases
-from bench.processes import ReceiverProcess, run_checked
+from bench.processes import ReceiverProcess, run_checked, syncer_project
 
 AUDIENCE_NAME = "Bench Peak Rss"
 AUDIENCE_KEY = "bench_peak_rss"
@@ -58,33 +58,25 @@ def measure(
     with ReceiverProcess(dbs.workdir) as receiver:
         for kind in kinds:
             state = dbs.make(kind, f"rss_{kind[:2]}")
-            folder = dbs.workdir / f"rss-{kind}"
-            folder.mkdir(exist_ok=True)
-            settings = folder / "settings.toml"
-            settings.write_text(
-                f'[database]\nurl = "{state.url}"\n\n'
-                f'[sources.default]\nurl = "sqlite:///{warehouse}"\n\n'
-                f'[tray]\nworkflow_urls = ["{receiver.url("rss-" + kind)}"]\n'
-            )
-            syncer = ["-m", "syncer", "--settings", str(settings)]
-            run_checked([*syncer, "db", "upgrade"], cwd=folder)
-            run_checked(
-                [
-                    *syncer,
-                    "audience",
-                    "create",
-                    AUDIENCE_NAME,
-                    "--sql",
-                    "SELECT user_id FROM members",
-                ],
-                cwd=folder,
+            project = syncer_project(
+                dbs.workdir / f"rss-{kind}",
+                state.url,
+                warehouse,
+                receiver.url("rss-" + kind),
+                AUDIENCE_NAME,
             )
             say(
                 f"    rss {kind:10} {size:>10,}: evaluate + commit, then {deliver_seconds:.0f}s of delivery …"
             )
             finished = run_checked(
-                ["-m", "bench.rss_child", str(settings), AUDIENCE_KEY, str(deliver_seconds)],
-                cwd=folder,
+                [
+                    "-m",
+                    "bench.rss_child",
+                    str(project.settings),
+                    AUDIENCE_KEY,
+                    str(deliver_seconds),
+                ],
+                cwd=project.folder,
             )
             report = json.loads(finished.stdout)
             if report["members"] != size:

@@ -185,3 +185,38 @@ class ReceiverProcess:
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncerProject:
+    """A folder with settings.toml, an upgraded state database and one audience."""
+
+    state_url: str
+    folder: Path
+    settings: Path
+
+    @property
+    def cli(self) -> list[str]:
+        """``python`` arguments that run the ``syncer`` command on these settings."""
+        return ["-m", "syncer", "--settings", str(self.settings)]
+
+
+def syncer_project(
+    folder: Path, state_url: str, warehouse: Path, workflow_url: str, audience_name: str
+) -> SyncerProject:
+    """Settings (state, a SQLite warehouse as the default source, one workflow URL), then
+    ``db upgrade`` and ``audience create`` over ``SELECT user_id FROM members``: untimed."""
+    folder.mkdir(exist_ok=True)
+    settings = folder / "settings.toml"
+    settings.write_text(
+        f'[database]\nurl = "{state_url}"\n\n'
+        f'[sources.default]\nurl = "sqlite:///{warehouse}"\n\n'
+        f'[tray]\nworkflow_urls = ["{workflow_url}"]\n'
+    )
+    project = SyncerProject(state_url=state_url, folder=folder, settings=settings)
+    run_checked([*project.cli, "db", "upgrade"], cwd=folder)
+    run_checked(
+        [*project.cli, "audience", "create", audience_name, "--sql", "SELECT user_id FROM members"],
+        cwd=folder,
+    )
+    return project

@@ -55,6 +55,19 @@ def _project(
     return p
 
 
+def _synced_project(
+    factory: ProjectFactory, state_url: str, rx: Receiver, users: Sequence[str]
+) -> Project:
+    """A project with audiences A and B, both synced once."""
+    p = _project(factory, state_url, rx, users)
+    p.cli_many(
+        ("audience", "create", NAME_A, "--sql", SQL_A),
+        ("audience", "create", NAME_B, "--sql", SQL_B),
+    )
+    p.cli("sync")
+    return p
+
+
 def _deletes(rx: Receiver, path: str) -> list[RecordedRequest]:
     """Every delete request that reached ``path`` (accepted or not), in arrival order."""
     return [r for r in rx.requests(path) if r.message_type == "delete"]
@@ -133,12 +146,7 @@ def test_users_delete_forwards_purges_and_suppresses(
     project_factory: ProjectFactory, state_url: str, secret_receiver: Receiver
 ) -> None:
     rx = secret_receiver
-    p = _project(project_factory, state_url, rx, USERS)
-    p.cli_many(
-        ("audience", "create", NAME_A, "--sql", SQL_A),
-        ("audience", "create", NAME_B, "--sql", SQL_B),
-    )
-    p.cli("sync")
+    p = _synced_project(project_factory, state_url, rx, USERS)
     for path in PATHS:
         assert sorted(map(json.dumps, _sent_traits(rx, path, "u1"))) == sorted(
             [json.dumps({KEY_A: True}), json.dumps({KEY_B: True})]
@@ -414,12 +422,7 @@ def test_audience_delete_retires_the_key_and_cancels_what_is_owed(
     project_factory: ProjectFactory, state_url: str, secret_receiver: Receiver
 ) -> None:
     rx = secret_receiver
-    p = _project(project_factory, state_url, rx, USERS)
-    p.cli_many(
-        ("audience", "create", NAME_A, "--sql", SQL_A),
-        ("audience", "create", NAME_B, "--sql", SQL_B),
-    )
-    p.cli("sync")
+    p = _synced_project(project_factory, state_url, rx, USERS)
     # a change of A still owed to w2 when A is deleted
     p.set_users([*USERS, "u6"])
     rx.set_status("w2", 503)
@@ -475,12 +478,7 @@ def test_audience_delete_unset_tells_every_member_false(
     project_factory: ProjectFactory, state_url: str, secret_receiver: Receiver
 ) -> None:
     rx = secret_receiver
-    p = _project(project_factory, state_url, rx, [*USERS, "u6"])
-    p.cli_many(
-        ("audience", "create", NAME_A, "--sql", SQL_A),
-        ("audience", "create", NAME_B, "--sql", SQL_B),
-    )
-    p.cli("sync")
+    p = _synced_project(project_factory, state_url, rx, [*USERS, "u6"])
     p.set_users(USERS)  # u6 left A: it was told false already
     p.cli("sync", KEY_A)
     p.cli("users", "delete", "u1")  # a deleted user is never told anything again
