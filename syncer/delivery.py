@@ -38,10 +38,10 @@ from syncer.models import (
 )
 from syncer.settings import TraySettings, format_duration
 from syncer.tray import (
+    IdentifyBodies,
     TrayClient,
     delete_body,
     delete_message_id,
-    identify_body,
     identify_message_id,
 )
 
@@ -366,33 +366,46 @@ def _claim_page(
     ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (and MySQL/MariaDB): processes claiming at the
     same moment get different rows instead of waiting for each other. SQLite has a single
     writer, so there the claims simply take turns."""
-    query = (
-        select(
-            D.c.id,
-            D.c.run_id,
-            D.c.deletion_id,
-            D.c.user_id,
-            D.c.trait_value,
-            D.c.created_at,
-            D.c.owed_since,
-            D.c.attempts,
-        )
+    columns = (
+        D.c.id,
+        D.c.run_id,
+        D.c.deletion_id,
+        D.c.user_id,
+        D.c.trait_value,
+        D.c.created_at,
+        D.c.owed_since,
+        D.c.attempts,
+    )
+    page = (
+        select(D.c.id)
         .where(owed(audience_id, [destination_id]), D.c.id > after_id, D.c.claimed_by.is_(None))
         .order_by(D.c.id)
         .limit(size)
         .with_for_update(skip_locked=True)
     )
     if due is not None:
-        query = query.where(D.c.next_attempt_at <= due)
+        page = page.where(D.c.next_attempt_at <= due)
     with write_transaction(engine) as conn:
-        rows = conn.execute(query).all()
-        ids = [r.id for r in rows]
-        for start in range(0, len(ids), UPDATE_CHUNK):
-            conn.execute(
-                update(D)
-                .where(D.c.id.in_(ids[start : start + UPDATE_CHUNK]))
-                .values(claimed_by=claimer)
+        if conn.dialect.name in ("postgresql", "sqlite"):
+            # One statement: the page is picked, locked, claimed and read in a single trip.
+            rows = sorted(
+                conn.execute(
+                    update(D)
+                    .where(D.c.id.in_(page.scalar_subquery()))
+                    .values(claimed_by=claimer)
+                    .returning(*columns)
+                ).all(),
+                key=lambda r: r.id,
             )
+        else:  # MySQL/MariaDB have no UPDATE ... RETURNING
+            rows = list(conn.execute(page.with_only_columns(*columns)).all())
+            ids = [r.id for r in rows]
+            for start in range(0, len(ids), UPDATE_CHUNK):
+                conn.execute(
+                    update(D)
+                    .where(D.c.id.in_(ids[start : start + UPDATE_CHUNK]))
+                    .values(claimed_by=claimer)
+                )
     return [
         _Pending(
             id=r.id,
@@ -526,8 +539,8 @@ async def _pause(seconds: float, stop: threading.Event | None) -> bool:
     return stop is None or not stop.is_set()
 
 
-def _body(audience: Audience | None, row: _Pending) -> bytes:
-    if audience is None:
+def _body(audience: Audience | None, bodies: IdentifyBodies | None, row: _Pending) -> bytes:
+    if audience is None or bodies is None:
         assert row.deletion_id is not None
         return delete_body(
             user_id=row.user_id,
@@ -535,10 +548,8 @@ def _body(audience: Audience | None, row: _Pending) -> bytes:
             timestamp=row.created_at,
         )
     assert row.run_id is not None
-    return identify_body(
+    return bodies.body(
         user_id=row.user_id,
-        audience_key=audience.key,
-        audience_id=audience.id,
         value=row.value,
         message_id=identify_message_id(audience.id, row.run_id, row.user_id),
         timestamp=row.created_at,
@@ -658,6 +669,7 @@ async def run_pass(
     audience_id = audience.id if audience else None
     label = audience.key if audience else "user deletions"
     recorder = _Recorder(engine=engine, tray=tray, progress=progress, batch=tray.max_concurrency)
+    bodies = IdentifyBodies(audience.key, audience.id) if audience else None
     # A crash sends again the calls started but not yet recorded: at most two rounds of the
     # concurrency limit (calls in flight, and answers being committed).
     max_exposed = 2 * tray.max_concurrency * len(plan.targets)
@@ -694,7 +706,7 @@ async def run_pass(
             while (row := await queue.get()) is not None:
                 if halted():
                     continue  # stays pending: owed to the next pass
-                body = _body(audience, row)
+                body = _body(audience, bodies, row)
                 await recorder.expose(max_exposed)
                 outcome = await _send_with_retries(client, target.url, body, tray, row, limit, stop)
                 recorder.add(outcome)

@@ -1,123 +1,327 @@
-"""An httpx transport on aiohttp, cut to what a workflow call needs.
+"""syncer's own httpx transport: HTTP/1.1 keep-alive connections on asyncio, nothing more.
 
-httpx stays the API (``httpx.Request`` in, ``httpx.Response`` out, httpx's exception types), and
-aiohttp moves the bytes. Compared with the general-purpose ``httpx_aiohttp`` transport it reads
-the whole (small) answer at once instead of wrapping a stream, parses each URL once, and builds
-one ``ClientTimeout`` per timeout setting: together about half the per-call cost of a Tray call
-(see bench/README.md). Redirects are never followed, bodies are neither compressed nor
-decompressed, and TLS is verified with the system's trust store.
+httpx stays the API (``httpx.Request`` in, ``httpx.Response`` out, httpx's exception types);
+this transport only moves the bytes. A workflow call is one small POST and one small answer, so
+a general-purpose client spends most of its time on things a call never uses. Here a request is
+written with one ``write`` of its head and body, the answer is parsed by ``httptools`` (the C
+HTTP parser asyncio servers use), and a connection is an ``asyncio.Protocol`` with one exchange
+at a time. On this workload it costs a fraction of aiohttp's client per call (see
+bench/README.md).
+
+The rules are the ones a delivery depends on, checked against httpx's default transport by
+tests/integration/test_transports.py: redirects are never followed, nothing is compressed or
+decompressed, TLS is verified with the system's trust store, an answer is read whole (up to
+MAX_ANSWER_BYTES), and timeouts are httpx's: ``connect`` for opening a connection, ``read`` for
+the gap between bytes of the answer (a stalled write shows as a read timeout), ``pool`` for
+waiting on a free connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any
 
-import aiohttp
+import httptools
 import httpx
-from yarl import URL
 
-# An answer larger than this is cut off: Tray answers a few bytes, and only the status and
-# Retry-After are used.
+# An answer larger than this is cut off (and its connection dropped): Tray answers a few bytes,
+# and only the status and Retry-After are used.
 MAX_ANSWER_BYTES = 64 * 1024
+DEFAULT_PORTS = {b"http": 80, b"https": 443}
+
+Origin = tuple[bytes, bytes, int]
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    def __init__(self, *, max_connections: int, keepalive_seconds: float = 15.0) -> None:
+# The answer to one request: (status, headers, body, connection reusable).
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes, bool]
+
+
+class Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection; one request and its answer at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._answer: asyncio.Future[Answer] | None = None
+        self._parser: Any = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._size = 0
+        self._headers_done = False
+        self._until_close = False
+        self._last_read = 0.0
+        self._read_timeout: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._answer is None or self._answer.done():
+            self.close()  # bytes nobody asked for: the connection can't be trusted any more
+            return
+        self._last_read = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx.RemoteProtocolError("unexpected protocol upgrade"))
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"malformed answer: {exc}"))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost settles a pending answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        answer = self._answer
+        if answer is None or answer.done():
+            return
+        if self._headers_done and self._until_close:
+            self._finish(reusable=False)  # a body delimited by the end of the connection
+        else:
+            text = "server disconnected"
+            if self._headers_done:
+                text += " in the middle of the answer"
+            self._fail(httpx.RemoteProtocolError(f"{text}: {exc}" if exc else text))
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        self._headers_done = True
+        names = {name.lower() for name, _ in self._headers}
+        self._until_close = (
+            b"content-length" not in names
+            and b"transfer-encoding" not in names
+            and status not in (204, 304)
+        )
+
+    def on_body(self, body: bytes) -> None:
+        if self._size >= MAX_ANSWER_BYTES:
+            return
+        self._body.append(body[: MAX_ANSWER_BYTES - self._size])
+        self._size += len(body)
+        if self._size >= MAX_ANSWER_BYTES:
+            self._finish(reusable=False)
+
+    def on_message_complete(self) -> None:
+        if not self._headers_done:
+            self._headers.clear()  # the interim answer ended; wait for the real one
+            return
+        self._finish(reusable=self._parser.should_keep_alive())
+
+    # -- one exchange ------------------------------------------------------------------------
+
+    def send(self, data: bytes, read_timeout: float | None) -> asyncio.Future[Answer]:
+        """Write a whole request; the returned future settles with its answer."""
+        assert self._transport is not None
+        self._answer = answer = self._loop.create_future()
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers = []
+        self._body = []
+        self._size = 0
+        self._headers_done = False
+        self._until_close = False
+        self._read_timeout = read_timeout
+        self._last_read = self._loop.time()
+        if read_timeout is not None:
+            self._timer = self._loop.call_at(self._last_read + read_timeout, self._check_timer)
+        self._transport.write(data)
+        return answer
+
+    def _check_timer(self) -> None:
+        assert self._read_timeout is not None
+        due = self._last_read + self._read_timeout
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check_timer)  # bytes came meanwhile
+        else:
+            self._timer = None
+            self._fail(httpx.ReadTimeout(f"no answer within {self._read_timeout:g} s"))
+
+    def _settle(self) -> asyncio.Future[Answer] | None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        answer, self._answer = self._answer, None
+        return answer if answer is not None and not answer.done() else None
+
+    def _finish(self, *, reusable: bool) -> None:
+        status = self._parser.get_status_code()
+        answer = self._settle()
+        if answer is not None:
+            answer.set_result((status, self._headers, b"".join(self._body), reusable))
+
+    def _fail(self, error: Exception) -> None:
+        answer = self._settle()
+        self.close()
+        if answer is not None:
+            answer.set_exception(error)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class Http1Transport(httpx.AsyncBaseTransport):
+    """At most ``max_connections`` open connections (idle ones included), reused while the
+    server keeps them alive and for at most ``keepalive_seconds`` of idleness."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        keepalive_seconds: float = 15.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._max_connections = max_connections
         self._keepalive_seconds = keepalive_seconds
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}
-        self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
-
-    def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections,
-            keepalive_timeout=self._keepalive_seconds,
-            ssl=ssl.create_default_context(),
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            # httpx's headers are passed as they are: no User-Agent or Accept of aiohttp's own.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        return self._session
-
-    def _url(self, url: httpx.URL) -> URL:
-        text = str(url)
-        parsed = self._urls.get(text)
-        if parsed is None:
-            parsed = self._urls[text] = URL(text, encoded=True)
-        return parsed
-
-    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
-        limits = request.extensions.get("timeout") or {}
-        key = (limits.get("connect"), limits.get("read"), limits.get("write"), limits.get("pool"))
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            connect, read, write, pool = key
-            # aiohttp has no write timeout: a stalled write shows as a read timeout instead.
-            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None,
-                connect=pool,
-                sock_connect=connect,
-                sock_read=read if read is not None else write,
-            )
-        return timeout
+        self._ssl_context = ssl_context
+        self._slots: asyncio.Semaphore | None = None
+        self._idle: dict[Origin, list[Connection]] = {}
+        self._open: set[Connection] = set()
+        self._closing = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._session or self._open()
+        timeouts = request.extensions.get("timeout") or {}
+        data = _serialize(request, await request.aread())
+        origin = _origin(request)
+        slots = self._slots
+        if slots is None:
+            slots = self._slots = asyncio.Semaphore(self._max_connections)
+        if slots.locked():
+            try:
+                await asyncio.wait_for(slots.acquire(), timeouts.get("pool"))
+            except TimeoutError:
+                raise httpx.PoolTimeout("no free connection", request=request) from None
+        else:
+            await slots.acquire()
         try:
-            async with session.request(
-                request.method,
-                self._url(request.url),
-                headers=request.headers.multi_items(),
-                data=request.content or None,
-                allow_redirects=False,
-                compress=False,
-                timeout=self._timeout(request),
-            ) as answer:
-                content = await _read_answer(answer)
-                status = answer.status
-                headers = answer.raw_headers
-        except TimeoutError as exc:
-            # aiohttp's timeouts (ServerTimeoutError, ConnectionTimeoutError) are TimeoutErrors.
-            connecting = isinstance(exc, aiohttp.ConnectionTimeoutError)
-            error = httpx.ConnectTimeout if connecting else httpx.ReadTimeout
-            raise error(str(exc) or type(exc).__name__, request=request) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise httpx.ReadError(str(exc), request=request) from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise httpx.RemoteProtocolError(
-                str(exc) or "server disconnected", request=request
-            ) from exc
-        except aiohttp.InvalidURL as exc:
-            raise httpx.UnsupportedProtocol(str(exc), request=request) from exc
-        except aiohttp.ClientError as exc:
-            raise httpx.TransportError(str(exc) or type(exc).__name__, request=request) from exc
-        return httpx.Response(status, headers=headers, content=content, request=request)
+            connection = self._reuse(origin) or await self._connect(
+                origin, timeouts.get("connect"), request
+            )
+            read_timeout = timeouts.get("read")
+            write_timeout = timeouts.get("write")
+            if read_timeout is None or (write_timeout is not None and write_timeout > read_timeout):
+                read_timeout = write_timeout
+            try:
+                status, headers, body, reusable = await connection.send(data, read_timeout)
+            except BaseException:
+                connection.close()
+                self._open.discard(connection)
+                raise
+            self._release(origin, connection, reusable)
+        except httpx.TransportError as exc:
+            exc.request = request
+            raise
+        finally:
+            slots.release()
+        return httpx.Response(status, headers=headers, content=body, request=request)
+
+    def _reuse(self, origin: Origin) -> Connection | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        oldest_allowed = asyncio.get_running_loop().time() - self._keepalive_seconds
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and connection.idle_since >= oldest_allowed:
+                return connection
+            connection.close()
+            self._open.discard(connection)
+        return None
+
+    def _release(self, origin: Origin, connection: Connection, reusable: bool) -> None:
+        if reusable and not connection.closed and not self._closing:
+            connection.idle_since = asyncio.get_running_loop().time()
+            self._idle.setdefault(origin, []).append(connection)
+        else:
+            connection.close()
+            self._open.discard(connection)
+
+    def _make_room(self) -> None:
+        """Close the longest-idle connection if opening one more would pass the limit."""
+        self._open = {c for c in self._open if not c.closed}
+        if len(self._open) < self._max_connections:
+            return
+        idle = [c for conns in self._idle.values() for c in conns]
+        if idle:
+            victim = min(idle, key=lambda c: c.idle_since)
+            for conns in self._idle.values():
+                if victim in conns:
+                    conns.remove(victim)
+            victim.close()
+            self._open.discard(victim)
+
+    async def _connect(
+        self, origin: Origin, timeout: float | None, request: httpx.Request
+    ) -> Connection:
+        scheme, host, port = origin
+        self._make_room()
+        loop = asyncio.get_running_loop()
+        secure = scheme == b"https"
+        if secure and self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        hostname = host.decode("ascii")
+        try:
+            _transport, connection = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: Connection(loop),
+                    hostname,
+                    port,
+                    ssl=self._ssl_context if secure else None,
+                    server_hostname=hostname if secure else None,
+                ),
+                timeout,
+            )
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"no connection within {timeout:g} s") from None
+        except OSError as exc:  # refused, unreachable, unknown host, TLS verification failed
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from None
+        self._open.add(connection)
+        return connection
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._closing = True
+        for connection in self._open:
+            connection.close()
+        self._open.clear()
+        self._idle.clear()
 
 
-async def _read_answer(answer: aiohttp.ClientResponse) -> bytes:
-    """The answer's body, at most MAX_ANSWER_BYTES of it (the connection is dropped if more)."""
-    length = answer.content_length
-    if length is not None and length <= MAX_ANSWER_BYTES:
-        return await answer.read()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in answer.content.iter_any():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= MAX_ANSWER_BYTES:
-            answer.close()
-            break
-    return b"".join(chunks)[:MAX_ANSWER_BYTES]
+def _origin(request: httpx.Request) -> Origin:
+    url = request.url
+    scheme = url.raw_scheme
+    if scheme not in DEFAULT_PORTS:
+        raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}", request=request)
+    return (scheme, url.raw_host, url.port or DEFAULT_PORTS[scheme])
+
+
+def _serialize(request: httpx.Request, body: bytes) -> bytes:
+    """The request's bytes on the wire: request line, headers, blank line, body. A request
+    made with ``content=`` has its Host and Content-Length from httpx; else they are added."""
+    lines = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    has_host = has_length = False
+    for name, value in request.headers.raw:
+        if b"\r" in value or b"\n" in value or b":" in name:
+            raise httpx.LocalProtocolError(f"invalid header {name!r}", request=request)
+        lowered = name.lower()
+        has_host = has_host or lowered == b"host"
+        has_length = has_length or lowered in (b"content-length", b"transfer-encoding")
+        lines += (name, b": ", value, b"\r\n")
+    if not has_host:
+        lines += (b"Host: ", request.url.netloc, b"\r\n")
+    if not has_length:
+        lines += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")
+    lines += (b"\r\n", body)
+    return b"".join(lines)

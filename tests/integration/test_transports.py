@@ -1,6 +1,6 @@
 """The two HTTP transports behind TrayClient answer alike.
 
-syncer sends through its own aiohttp transport for speed; httpx's default transport is the
+syncer sends through its own HTTP/1.1 transport for speed; httpx's default transport is the
 reference. Every rule a delivery depends on (which answers are retried, which fail for good,
 timeouts, dropped connections, redirects never followed, the signature and the exact bytes)
 must come out the same on both, against the same loopback receiver.
@@ -9,10 +9,15 @@ must come out the same on both, against the same loopback receiver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import socket
+import ssl
+import subprocess
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +26,7 @@ from syncer.settings import Secret
 from syncer.tray import TrayClient
 from tests.receiver import Receiver
 
-TRANSPORTS = ["aiohttp", "httpx"]
+TRANSPORTS = ["syncer", "httpx"]
 BODY = '{"type":"identify","userId":"ü-1","traits":{"vip":true},"messageId":"m1"}'.encode()
 
 
@@ -135,3 +140,159 @@ def test_keep_alive_connections_are_reused(rx: Receiver, transport: str) -> None
 
     asyncio.run(go())
     assert len({r.client_port for r in rx.requests("w1")}) == 1
+
+
+class Scripted:
+    """A raw loopback server that answers every request with the same bytes."""
+
+    def __init__(self, answer: bytes, *, close: bool) -> None:
+        self.answer, self.close = answer, close
+        self.requests = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}/w1"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        # A client may hang up before reading all of a large answer.
+        with conn, contextlib.suppress(OSError):
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(data) < length:
+                    data += conn.recv(65536)
+                data = data[length:]
+                self.requests += 1
+                conn.sendall(self.answer)
+                if self.close:
+                    return
+
+    def stop(self) -> None:
+        self.server.close()
+
+
+ANSWERS = {
+    "chunked": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        False,
+    ),
+    "body until close": (b"HTTP/1.1 200 OK\r\n\r\nok", True),
+    "interim 100 first": (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+        False,
+    ),
+    "large answer": (b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 200_000, False),
+    "connection close": (
+        b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        True,
+    ),
+    "503 and close": (
+        b"HTTP/1.1 503 Busy\r\nRetry-After: 3\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        True,
+    ),
+    "not HTTP": (b"NOT HTTP AT ALL\r\n\r\n", True),
+    "cut short": (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok", True),
+}
+
+
+@pytest.mark.parametrize("name", list(ANSWERS))
+def test_how_an_answer_is_framed_does_not_change_the_outcome(name: str) -> None:
+    """Chunked bodies, bodies ended by closing, interim 1xx answers, answers far larger than
+    syncer reads, connections the server closes after each answer, and broken answers: both
+    transports see the same status (or the same kind of error) on two calls in a row."""
+    answer, close = ANSWERS[name]
+    server = Scripted(answer, close=close)
+
+    async def twice(transport: str) -> list[tuple[str, int | None, float | None]]:
+        seen: list[tuple[str, int | None, float | None]] = []
+        async with TrayClient(
+            timeout_seconds=2, max_connections=2, shared_secret=None, transport=transport
+        ) as client:
+            for _ in range(2):
+                try:
+                    seen.append(("sent", await client.post(server.url(), BODY), None))
+                except DeliveryError as exc:
+                    seen.append((type(exc).__name__, exc.status_code, exc.retry_after))
+        return seen
+
+    try:
+        outcomes = {t: asyncio.run(twice(t)) for t in TRANSPORTS}
+    finally:
+        server.stop()
+    assert outcomes["syncer"] == outcomes["httpx"]
+    assert server.requests == 2 * len(TRANSPORTS)
+    if name in ("not HTTP", "cut short"):
+        assert outcomes["syncer"][0] == ("TransientDeliveryError", None, None)
+    elif name == "503 and close":
+        assert outcomes["syncer"][0] == ("TransientDeliveryError", 503, 3.0)
+    else:
+        assert outcomes["syncer"][0][0] == "sent"
+
+
+def test_tls_certificates_are_verified(tmp_path: Path) -> None:
+    """A workflow URL whose certificate no trusted authority signed is a connection error on
+    both transports: nothing is sent to a server that cannot prove who it is."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = socket.create_server(("127.0.0.1", 0))
+    handshakes: list[str] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(conn, server_side=True):
+                    handshakes.append("completed")
+            except (ssl.SSLError, OSError):
+                handshakes.append("refused")
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"https://127.0.0.1:{server.getsockname()[1]}/w1"
+    try:
+        seen = {t: outcome(url, t) for t in TRANSPORTS}
+    finally:
+        server.close()
+    for kind, code, message in seen.values():
+        assert (kind, code) == ("TransientDeliveryError", None)
+        assert message.startswith("connection error")
+        assert "certificate" in message.lower(), message
+    assert "completed" not in handshakes
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_no_more_connections_than_the_limit(rx: Receiver, transport: str) -> None:
+    async def go() -> None:
+        async with TrayClient(
+            timeout_seconds=5, max_connections=3, shared_secret=None, transport=transport
+        ) as client:
+            await asyncio.gather(*(client.post(rx.url("w1"), BODY) for _ in range(30)))
+
+    asyncio.run(go())
+    assert len(rx.requests("w1")) == 30
+    assert 1 <= len({r.client_port for r in rx.requests("w1")}) <= 3

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -16,7 +17,10 @@ import syncer
 from syncer.errors import PermanentDeliveryError
 from syncer.settings import Secret
 from syncer.tray import (
+    MESSAGE_NAMESPACE,
+    IdentifyBodies,
     delete_body,
+    delete_message_id,
     identify_body,
     identify_message_id,
     parse_retry_after,
@@ -123,6 +127,52 @@ def test_any_user_id_survives_the_round_trip(user_id: str) -> None:
 def test_body_over_tray_limit_is_a_permanent_failure() -> None:
     with pytest.raises(PermanentDeliveryError, match="1 MB"):
         identify("u" * 1_000_001)
+
+
+USER_IDS = [
+    "u123",
+    "ünïcødé-ユーザー",
+    "emoji-🎉",
+    'quote"back\\slash',
+    "tab\tid",
+    "ctl\x01",
+    "x" * 300,
+]
+
+
+@pytest.mark.parametrize("user_id", USER_IDS)
+def test_a_body_is_byte_for_byte_the_compact_json_of_the_message(user_id: str) -> None:
+    """Bodies are put together from pieces encoded once per audience; the bytes on the wire
+    must still be exactly ``json.dumps`` of the message, whatever the user id holds."""
+    bodies = IdentifyBodies(KEY, 42)
+    for value, moment in [(True, MOMENT), (False, MOMENT + timedelta(milliseconds=7))]:
+        message_id = identify_message_id(42, 7, user_id)
+        expected = {
+            "type": "identify",
+            "userId": user_id,
+            "traits": {KEY: value},
+            "context": {
+                "personas": {
+                    "computation_class": "audience",
+                    "computation_key": KEY,
+                    "computation_id": "42",
+                },
+                "library": {"name": "syncer", "version": syncer.__version__},
+            },
+            "integrations": {"All": False},
+            "messageId": message_id,
+            "timestamp": moment.strftime("%Y-%m-%dT%H:%M:%S.")
+            + f"{moment.microsecond // 1000:03d}Z",
+        }
+        body = bodies.body(user_id=user_id, value=value, message_id=message_id, timestamp=moment)
+        assert body == json.dumps(expected, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("user_id", USER_IDS)
+def test_message_ids_are_rfc_4122_version_5_uuids(user_id: str) -> None:
+    reference = uuid.uuid5(MESSAGE_NAMESPACE, f"identify/42/7/{user_id}")
+    assert identify_message_id(42, 7, user_id) == str(reference)
+    assert delete_message_id(99) == str(uuid.uuid5(MESSAGE_NAMESPACE, "delete/99"))
 
 
 def test_message_id_is_stable_for_the_same_run_audience_and_user() -> None:
