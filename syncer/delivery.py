@@ -57,6 +57,10 @@ MAX_PASS_DELAY_SECONDS = 3600.0
 STOP_POLL_SECONDS = 0.1
 UPDATE_CHUNK = 500
 BATCH_WAIT_SECONDS = 0.05
+# Calls started but not yet recorded, in rounds of max_concurrency: the calls in flight, the
+# answers being committed and those waiting for the next commit. With two rounds, senders
+# stalled on every commit (measured: 20-25 % fewer calls per second on PostgreSQL).
+EXPOSED_ROUNDS = 3
 D = DELIVERIES
 
 Progress = Callable[[int, int], None]
@@ -670,9 +674,9 @@ async def run_pass(
     label = audience.key if audience else "user deletions"
     recorder = _Recorder(engine=engine, tray=tray, progress=progress, batch=tray.max_concurrency)
     bodies = IdentifyBodies(audience.key, audience.id) if audience else None
-    # A crash sends again the calls started but not yet recorded: at most two rounds of the
-    # concurrency limit (calls in flight, and answers being committed).
-    max_exposed = 2 * tray.max_concurrency * len(plan.targets)
+    # A crash sends again the calls started but not yet recorded: at most EXPOSED_ROUNDS
+    # rounds of the concurrency limit.
+    max_exposed = EXPOSED_ROUNDS * tray.max_concurrency * len(plan.targets)
 
     async def pipeline(client: TrayClient, target: Target) -> None:
         queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=plan.page_size)

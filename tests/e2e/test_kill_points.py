@@ -11,7 +11,8 @@ finished before its moment is not a kill); then one ``syncer sync`` runs to comp
 - no run is left 'running' in history;
 - duplicates are the calls in flight (or answered but not yet recorded) at each kill: the
   messages a kill's round got accepted that a later round sent again number at most
-  2 x max_concurrency, and a repeat is always the same message (same messageId).
+  3 x max_concurrency (the bound docs/delivery.md gives), and a repeat is always the same
+  message (same messageId).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ USERS_PER_ROUND = 2000
 KILLS = 5
 MAX_ROUNDS = 9
 CONCURRENCY = 16
-MAX_DUPLICATES_PER_KILL = 2 * CONCURRENCY
+MAX_DUPLICATES_PER_KILL = 3 * CONCURRENCY  # docs/delivery.md: "at most about three rounds"
 NAME, KEY = "Kill Points", "kill_points"
 CALIBRATION_NAME, CALIBRATION_KEY = "Kill Points Calibration", "kill_points_calibration"
 SQL = "SELECT user_id FROM users"
@@ -184,7 +185,7 @@ def test_kill_9_at_random_moments_loses_nothing(
     too_many = {n: k for n, k in repeated.items() if k > MAX_DUPLICATES_PER_KILL}
     assert not too_many, (
         f"messages sent again after a kill, by round: {too_many} "
-        f"(bound {MAX_DUPLICATES_PER_KILL} = 2 x max_concurrency)\n" + "\n".join(report)
+        f"(bound {MAX_DUPLICATES_PER_KILL} = 3 x max_concurrency)\n" + "\n".join(report)
     )
     total = Counter(_message_ids(records, "/w1"))
     assert sum(n - 1 for n in total.values()) == sum(repeated.values())
