@@ -194,7 +194,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout") or {}
-        data = _serialize(request, await request.aread())
+        stream = request.stream
+        body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else await request.aread()
+        data = _serialize(request, body)
         origin = _origin(request)
         slots = self._slots
         if slots is None:
@@ -226,7 +228,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
             raise
         finally:
             slots.release()
-        return httpx.Response(status, headers=headers, content=body, request=request)
+        # ``stream=``, as a transport hands answers to httpx: the body is already in memory.
+        return httpx.Response(
+            status, headers=headers, stream=httpx.ByteStream(body), request=request
+        )
 
     def _reuse(self, origin: Origin) -> Connection | None:
         idle = self._idle.get(origin)

@@ -245,7 +245,9 @@ class TrayClient:
         try:
             response = await self._transport.handle_async_request(request)
             try:
-                await response.aread()
+                # Only the status and headers are used: the answer is drained, not decoded.
+                async for _chunk in response.aiter_raw():
+                    pass
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
