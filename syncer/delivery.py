@@ -21,7 +21,19 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
 
-from sqlalchemy import Engine, and_, exists, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Integer,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 
 from syncer import workers
 from syncer.db import write_transaction
@@ -31,6 +43,7 @@ from syncer.models import (
     AUDIENCES,
     DELIVERIES,
     DELIVERY_FAILED,
+    DELIVERY_PAGES,
     DELIVERY_PENDING,
     DELIVERY_SENT,
     Destination,
@@ -47,9 +60,9 @@ from syncer.tray import (
 
 logger = logging.getLogger(__name__)
 
-PAGE_SIZE = 2_000
-# Smaller pages when processes share a pass, so that none is left with a long tail at the end.
-SHARED_PAGE_SIZE = 500
+# Rows per page of a pass (delivery_pages): small enough that processes sharing a pass end
+# together, large enough that claiming a page costs next to nothing per row.
+PAGE_SIZE = 500
 HELPERS_MIN_OWED = 2_000
 BREAKER_MIN_FAILURES = 8
 TRIES_PER_PASS = 3
@@ -62,6 +75,7 @@ BATCH_WAIT_SECONDS = 0.05
 # stalled on every commit (measured: 20-25 % fewer calls per second on PostgreSQL).
 EXPOSED_ROUNDS = 3
 D = DELIVERIES
+P = DELIVERY_PAGES
 
 Progress = Callable[[int, int], None]
 
@@ -147,6 +161,7 @@ class _Recorder:
 
     engine: Engine
     tray: TraySettings
+    claimer: str  # written to deliveries.claimed_by with each outcome
     # Called after each write with what is recorded so far: (outcomes, their totals).
     progress: Callable[[int, DeliveryTotals], None] | None = None
     batch: int = 64
@@ -228,6 +243,7 @@ class _Recorder:
                 rows = list(group)
                 first = rows[0]
                 values: dict[str, object] = {
+                    "claimed_by": self.claimer,
                     "status": status,
                     "attempts": attempts,
                     "last_attempt_at": max(o.at for o in rows),
@@ -356,60 +372,120 @@ def new_claimer() -> str:
     return f"{HOST[:40]}:{os.getpid()}:{next(_claims)}"
 
 
+def _pages_of(audience_id: int | None, destination_ids: Sequence[int]) -> ColumnElement[bool]:
+    return and_(
+        P.c.audience_id.is_(None) if audience_id is None else P.c.audience_id == audience_id,
+        P.c.destination_id.in_(destination_ids),
+    )
+
+
+def cut_pages(
+    engine: Engine,
+    audience_id: int | None,
+    destination_ids: Sequence[int],
+    due: datetime | None,
+    size: int,
+) -> int:
+    """Cut what is owed (and due) into pages of ``size`` rows in id order, one set per URL.
+    Returns how many rows the pages hold.
+
+    Pages left by an earlier pass are dropped first: they are void, since only the lease
+    holder and its helper processes deliver an audience."""
+    now = datetime.now(UTC)
+    with write_transaction(engine) as conn:
+        conn.execute(delete(P).where(_pages_of(audience_id, destination_ids)))
+        # Integer division of the row number: ``/`` on SQLite and PostgreSQL, ``DIV`` on MySQL.
+        divide = "DIV" if conn.dialect.name in ("mysql", "mariadb") else "/"
+        number = func.row_number().over(order_by=D.c.id) - 1
+        for destination_id in destination_ids:
+            rows = select(D.c.id, number.self_group().op(divide)(size).label("page")).where(
+                owed(audience_id, [destination_id])
+            )
+            if due is not None:
+                rows = rows.where(D.c.next_attempt_at <= due)
+            numbered = rows.subquery()
+            conn.execute(
+                insert(P).from_select(
+                    ["audience_id", "destination_id", "first_id", "last_id", "owed", "created_at"],
+                    select(
+                        literal(audience_id, Integer()),
+                        literal(destination_id, Integer()),
+                        func.min(numbered.c.id),
+                        func.max(numbered.c.id),
+                        func.count(),
+                        literal(now, P.c.created_at.type),
+                    ).group_by(numbered.c.page),
+                )
+            )
+        total = conn.execute(
+            select(func.coalesce(func.sum(P.c.owed), 0)).where(
+                _pages_of(audience_id, destination_ids)
+            )
+        ).scalar_one()
+    return int(total)
+
+
+def drop_pages(engine: Engine, audience_id: int | None, destination_ids: Sequence[int]) -> None:
+    """The end of a pass: its pages go; what they held and was not sent stays owed."""
+    with write_transaction(engine) as conn:
+        conn.execute(delete(P).where(_pages_of(audience_id, destination_ids)))
+
+
 def _claim_page(
     engine: Engine,
     audience_id: int | None,
     destination_id: int,
-    after_id: int,
     due: datetime | None,
     claimer: str,
-    size: int,
-) -> list[_Pending]:
-    """Take the next page of unclaimed owed rows for this pass, in id order.
+) -> list[_Pending] | None:
+    """Claim the next unclaimed page of this URL and read its rows still owed, in id order;
+    None when every page is taken.
 
     ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (and MySQL/MariaDB): processes claiming at the
-    same moment get different rows instead of waiting for each other. SQLite has a single
+    same moment get different pages instead of waiting for each other. SQLite has a single
     writer, so there the claims simply take turns."""
-    columns = (
-        D.c.id,
-        D.c.run_id,
-        D.c.deletion_id,
-        D.c.user_id,
-        D.c.trait_value,
-        D.c.created_at,
-        D.c.owed_since,
-        D.c.attempts,
-    )
-    page = (
-        select(D.c.id)
-        .where(owed(audience_id, [destination_id]), D.c.id > after_id, D.c.claimed_by.is_(None))
-        .order_by(D.c.id)
-        .limit(size)
+    free = (
+        select(P.c.id)
+        .where(_pages_of(audience_id, [destination_id]), P.c.claimed_by.is_(None))
+        .order_by(P.c.id)
+        .limit(1)
         .with_for_update(skip_locked=True)
     )
-    if due is not None:
-        page = page.where(D.c.next_attempt_at <= due)
     with write_transaction(engine) as conn:
         if conn.dialect.name in ("postgresql", "sqlite"):
-            # One statement: the page is picked, locked, claimed and read in a single trip.
-            rows = sorted(
-                conn.execute(
-                    update(D)
-                    .where(D.c.id.in_(page.scalar_subquery()))
-                    .values(claimed_by=claimer)
-                    .returning(*columns)
-                ).all(),
-                key=lambda r: r.id,
-            )
+            page = conn.execute(
+                update(P)
+                .where(P.c.id == free.scalar_subquery())
+                .values(claimed_by=claimer)
+                .returning(P.c.first_id, P.c.last_id)
+            ).first()
         else:  # MySQL/MariaDB have no UPDATE ... RETURNING
-            rows = list(conn.execute(page.with_only_columns(*columns)).all())
-            ids = [r.id for r in rows]
-            for start in range(0, len(ids), UPDATE_CHUNK):
-                conn.execute(
-                    update(D)
-                    .where(D.c.id.in_(ids[start : start + UPDATE_CHUNK]))
-                    .values(claimed_by=claimer)
-                )
+            page_id = conn.execute(free).scalar()
+            page = None
+            if page_id is not None:
+                conn.execute(update(P).where(P.c.id == page_id).values(claimed_by=claimer))
+                page = conn.execute(
+                    select(P.c.first_id, P.c.last_id).where(P.c.id == page_id)
+                ).first()
+        if page is None:
+            return None
+        query = (
+            select(
+                D.c.id,
+                D.c.run_id,
+                D.c.deletion_id,
+                D.c.user_id,
+                D.c.trait_value,
+                D.c.created_at,
+                D.c.owed_since,
+                D.c.attempts,
+            )
+            .where(owed(audience_id, [destination_id]), D.c.id.between(page[0], page[1]))
+            .order_by(D.c.id)
+        )
+        if due is not None:
+            query = query.where(D.c.next_attempt_at <= due)
+        rows = conn.execute(query).all()
     return [
         _Pending(
             id=r.id,
@@ -423,31 +499,6 @@ def _claim_page(
         )
         for r in rows
     ]
-
-
-def release_claims(
-    engine: Engine,
-    audience_id: int | None,
-    destination_ids: Sequence[int],
-    claimer: str | None = None,
-) -> int:
-    """Give back rows still owed: one pass's (``claimer``), or every claim of the audience.
-
-    The lease holder clears every claim before a pass: a claim left by a process that died
-    is void, since only the lease holder and its helper processes deliver an audience."""
-    # The same terms as the partial index ix_deliveries_claimed_owed, so that it is used.
-    claimed = (
-        and_(D.c.claimed_by.is_not(None), D.c.status == DELIVERY_PENDING)
-        if claimer is None
-        else and_(D.c.claimed_by == claimer, D.c.status == DELIVERY_PENDING)
-    )
-    with write_transaction(engine) as conn:
-        return (
-            conn.execute(
-                update(D).where(claimed, owed(audience_id, destination_ids)).values(claimed_by=None)
-            ).rowcount
-            or 0
-        )
 
 
 def backoff_seconds(attempt: int, tray: TraySettings, retry_after: float | None) -> float:
@@ -569,7 +620,6 @@ class PassPlan:
     tray: TraySettings  # this process's share of max_concurrency and max_requests_per_second
     due: datetime | None
     claimer: str
-    page_size: int
 
 
 def share_out(tray: TraySettings) -> list[TraySettings]:
@@ -613,11 +663,11 @@ async def deliver_audience(
     target_ids = [t.id for t in targets]
     audience_id = audience.id if audience else None
     due = datetime.now(UTC) if due_only else None
-    await asyncio.to_thread(release_claims, engine, audience_id, target_ids)
-    total = await asyncio.to_thread(count_pending, engine, audience_id, target_ids, due)
     totals = DeliveryTotals()
     totals.failed += await asyncio.to_thread(expire_overdue, engine, audience_id, target_ids, tray)
+    total = await asyncio.to_thread(cut_pages, engine, audience_id, target_ids, due, PAGE_SIZE)
     if total == 0:
+        await asyncio.to_thread(drop_pages, engine, audience_id, target_ids)
         return totals
     # Helper processes only pay for their start-up (about half a second) on a large pass.
     shares = (
@@ -632,7 +682,6 @@ async def deliver_audience(
             tray=share,
             due=due,
             claimer=new_claimer(),
-            page_size=PAGE_SIZE if len(shares) == 1 else SHARED_PAGE_SIZE,
         )
         for share in shares
     ]
@@ -648,11 +697,14 @@ async def deliver_audience(
 
     if progress:
         progress(0, total)
-    async with workers.Helpers(engine.url, plans[1:], report=report, stop=stop) as helpers:
-        own = await run_pass(engine, plans[0], progress=report(0), stop=stop)
-        for part in [own, *await helpers.results()]:
-            totals.sent += part.sent
-            totals.failed += part.failed
+    try:
+        async with workers.Helpers(engine.url, plans[1:], report=report, stop=stop) as helpers:
+            own = await run_pass(engine, plans[0], progress=report(0), stop=stop)
+            for part in [own, *await helpers.results()]:
+                totals.sent += part.sent
+                totals.failed += part.failed
+    finally:
+        await asyncio.to_thread(drop_pages, engine, audience_id, target_ids)
     totals.retry_later = await asyncio.to_thread(
         count_pending, engine, audience_id, target_ids, None
     )
@@ -672,14 +724,20 @@ async def run_pass(
     tray, audience = plan.tray, plan.audience
     audience_id = audience.id if audience else None
     label = audience.key if audience else "user deletions"
-    recorder = _Recorder(engine=engine, tray=tray, progress=progress, batch=tray.max_concurrency)
+    recorder = _Recorder(
+        engine=engine,
+        tray=tray,
+        claimer=plan.claimer,
+        progress=progress,
+        batch=tray.max_concurrency,
+    )
     bodies = IdentifyBodies(audience.key, audience.id) if audience else None
     # A crash sends again the calls started but not yet recorded: at most EXPOSED_ROUNDS
     # rounds of the concurrency limit.
     max_exposed = EXPOSED_ROUNDS * tray.max_concurrency * len(plan.targets)
 
     async def pipeline(client: TrayClient, target: Target) -> None:
-        queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=plan.page_size)
+        queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=PAGE_SIZE)
         breaker = _Breaker(threshold=max(BREAKER_MIN_FAILURES, tray.max_concurrency))
         limit = RateLimit(tray.max_requests_per_second) if tray.max_requests_per_second else None
 
@@ -687,22 +745,17 @@ async def run_pass(
             return breaker.open or (stop is not None and stop.is_set())
 
         async def reader() -> None:
-            after = 0
-            while not halted() and (
-                page := await asyncio.to_thread(
-                    _claim_page,
-                    engine,
-                    audience_id,
-                    target.id,
-                    after,
-                    plan.due,
-                    plan.claimer,
-                    plan.page_size,
+            while (
+                not halted()
+                and (
+                    page := await asyncio.to_thread(
+                        _claim_page, engine, audience_id, target.id, plan.due, plan.claimer
+                    )
                 )
+                is not None
             ):
                 for row in page:
                     await queue.put(row)
-                after = page[-1].id
             for _ in range(tray.max_concurrency):
                 await queue.put(None)
 
@@ -744,8 +797,5 @@ async def run_pass(
     finally:
         await recorder.close()
         await writing
-        await asyncio.to_thread(
-            release_claims, engine, audience_id, [t.id for t in plan.targets], plan.claimer
-        )
     logger.debug("%s: %d deliveries in %.1fs", label, recorder.done, time.monotonic() - started)
     return recorder.totals

@@ -26,7 +26,6 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     and_,
-    text,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -203,9 +202,6 @@ class Membership(Base):
     exited_run_id: Mapped[int | None] = mapped_column(ForeignKey("sync_runs.id"))
 
 
-CLAIMED_OWED = "claimed_by IS NOT NULL AND status = 'pending'"
-
-
 class Delivery(Base):
     """The outbox and its history: one message for one user to one destination."""
 
@@ -223,13 +219,6 @@ class Delivery(Base):
         Index(None, "audience_id", "user_id"),
         Index(None, "run_id", "status"),
         Index(None, "deletion_id"),
-        # Claimed rows still owed: few at any time, found without reading every owed row.
-        Index(
-            "ix_deliveries_claimed_owed",
-            "claimed_by",
-            postgresql_where=text(CLAIMED_OWED),
-            sqlite_where=text(CLAIMED_OWED),
-        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -249,9 +238,31 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
-    # The delivery process (host:pid:n) that took the row in its current or last pass. Kept
-    # once the row is sent or failed: who sent it. NULL on a row owed and not being sent.
+    # The delivery process (host:pid:n) that made the last attempt, written with its outcome:
+    # on a sent row, who sent it. NULL until the first attempt is recorded.
     claimed_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class DeliveryPage(Base):
+    """One page of a delivery pass: the rows owed to one URL with ids ``first_id..last_id``.
+
+    The lease holder cuts what is owed into pages when a pass starts; each delivery process
+    claims one page at a time (``FOR UPDATE SKIP LOCKED``) and sends its rows. Claiming a page
+    writes one small row instead of every outbox row it holds. A pass's pages are deleted when
+    it ends, and pages a dead pass left behind when the next one starts.
+    """
+
+    __tablename__ = "delivery_pages"
+    __table_args__ = (Index(None, "destination_id", "audience_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    audience_id: Mapped[int | None] = mapped_column(ForeignKey("audiences.id"))  # None: deletions
+    destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id"))
+    first_id: Mapped[int] = mapped_column(BigInteger)
+    last_id: Mapped[int] = mapped_column(BigInteger)
+    owed: Mapped[int] = mapped_column(Integer)  # rows owed in the page when it was cut
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class UserDeletion(Base):
@@ -323,6 +334,7 @@ def _table(model: type[Base]) -> Table:
 AUDIENCES = _table(Audience)
 MEMBERSHIPS = _table(Membership)
 DELIVERIES = _table(Delivery)
+DELIVERY_PAGES = _table(DeliveryPage)
 SYNC_LEASES = _table(SyncLease)
 SERVICE_LEASES = _table(ServiceLease)
 USER_DELETIONS = _table(UserDeletion)

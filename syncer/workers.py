@@ -2,7 +2,8 @@
 
 With ``[tray] delivery_processes = N`` the process that holds an audience's lease starts N-1
 helpers for each delivery pass. Every process claims pages of the owed rows for itself
-(``FOR UPDATE SKIP LOCKED`` on PostgreSQL, see ``delivery._claim_page``) and sends them with its
+(``delivery_pages``, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, see ``delivery._claim_page``) and
+sends them with its
 share of ``max_concurrency``, so no row is sent by two processes, and together they use more
 than the one core a Python process can.
 
@@ -109,8 +110,8 @@ class Helpers:
                     update(int(message["done"]), recorded)
         code = await process.wait()
         if code != 0:
-            # What it claimed and did not record stays owed: the next pass clears its claims
-            # and sends it. What it recorded is counted.
+            # What it claimed and did not record stays owed: the pass's pages are dropped at
+            # its end, and the next pass sends it. What it recorded is counted.
             logger.warning("delivery helper process %d ended with exit code %d", n, code)
         return recorded
 

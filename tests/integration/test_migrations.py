@@ -23,6 +23,7 @@ STATE_TABLES = {
     "audiences",
     "audience_destinations",
     "deliveries",
+    "delivery_pages",
     "destinations",
     "memberships",
     "service_leases",
