@@ -594,8 +594,9 @@ async def _pause(seconds: float, stop: threading.Event | None) -> bool:
     return stop is None or not stop.is_set()
 
 
-def _body(audience: Audience | None, bodies: IdentifyBodies | None, row: _Pending) -> bytes:
-    if audience is None or bodies is None:
+def _body(bodies: IdentifyBodies | None, row: _Pending) -> bytes:
+    """An identify body of the pass's audience, or (``bodies`` None) a user deletion's."""
+    if bodies is None:
         assert row.deletion_id is not None
         return delete_body(
             user_id=row.user_id,
@@ -606,7 +607,7 @@ def _body(audience: Audience | None, bodies: IdentifyBodies | None, row: _Pendin
     return bodies.body(
         user_id=row.user_id,
         value=row.value,
-        message_id=identify_message_id(audience.id, row.run_id, row.user_id),
+        message_id=identify_message_id(bodies.audience_id, row.run_id, row.user_id),
         timestamp=row.created_at,
     )
 
@@ -667,7 +668,6 @@ async def deliver_audience(
     totals.failed += await asyncio.to_thread(expire_overdue, engine, audience_id, target_ids, tray)
     total = await asyncio.to_thread(cut_pages, engine, audience_id, target_ids, due, PAGE_SIZE)
     if total == 0:
-        await asyncio.to_thread(drop_pages, engine, audience_id, target_ids)
         return totals
     # Helper processes only pay for their start-up (about half a second) on a large pass.
     shares = (
@@ -763,7 +763,7 @@ async def run_pass(
             while (row := await queue.get()) is not None:
                 if halted():
                     continue  # stays pending: owed to the next pass
-                body = _body(audience, bodies, row)
+                body = _body(bodies, row)
                 await recorder.expose(max_exposed)
                 outcome = await _send_with_retries(client, target.url, body, tray, row, limit, stop)
                 recorder.add(outcome)

@@ -48,7 +48,7 @@ def delete_message_id(deletion_id: int) -> str:
 
 
 def _uuid5(name: str) -> str:
-    """``str(uuid.uuid5(MESSAGE_NAMESPACE, name))``, at a third of the cost (one per call)."""
+    """``str(uuid.uuid5(MESSAGE_NAMESPACE, name))`` without building a ``uuid.UUID`` (one per call)."""
     digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
@@ -81,6 +81,7 @@ class IdentifyBodies:
     _STAMPS_KEPT = 1_000
 
     def __init__(self, audience_key: str, audience_id: int) -> None:
+        self.audience_id = audience_id
         context = _json(
             {
                 "personas": {
