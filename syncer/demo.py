@@ -42,6 +42,9 @@ class _QuietServer(ThreadingHTTPServer):
     """A client closing a keep-alive connection is routine here, not worth a traceback."""
 
     daemon_threads = True
+    # socketserver's default backlog of 5 overflows when a client opens its connections all at
+    # once: the kernel then drops the handshake's last step, and the call waits seconds.
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], OSError):

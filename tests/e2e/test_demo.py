@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -73,6 +74,18 @@ def test_demo_runs_and_reruns(tmp_path: Path) -> None:
     runs = json.loads(history.stdout)
     assert len(runs) == 4  # the first run's four are gone with the rebuilt folder
     assert {run["kind"] for run in runs} == {"initial", "incremental"}
+
+
+def test_the_demo_receiver_answers_every_call_the_first_time(tmp_path: Path) -> None:
+    """The local receiver keeps up with 64 connections opened at once: no call times out and
+    is sent again (a listen backlog of 5 once made some wait seconds for their handshake)."""
+    folder = tmp_path / "d"
+    result = _demo(folder, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "repeated calls (same messageId, dropped): 0" in result.stdout, result.stdout
+    with sqlite3.connect(folder / "state.db") as conn:
+        attempts = conn.execute("SELECT attempts, COUNT(*) FROM deliveries GROUP BY 1").fetchall()
+    assert [a for a, _ in attempts] == [1], attempts
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
