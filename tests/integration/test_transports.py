@@ -19,10 +19,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from syncer.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from syncer.settings import Secret
+from syncer.transport import Http1Transport
 from syncer.tray import TrayClient
 from tests.receiver import Receiver
 
@@ -245,46 +247,98 @@ def test_how_an_answer_is_framed_does_not_change_the_outcome(name: str) -> None:
         assert outcomes["syncer"][0][0] == "sent"
 
 
-def test_tls_certificates_are_verified(tmp_path: Path) -> None:
-    """A workflow URL whose certificate no trusted authority signed is a connection error on
-    both transports: nothing is sent to a server that cannot prove who it is."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server = socket.create_server(("127.0.0.1", 0))
-    handshakes: list[str] = []
+class TlsServer:
+    """A loopback HTTPS server with a certificate of its own (no authority signed it) that
+    answers one request per connection with a 200."""
 
-    def serve() -> None:
+    def __init__(self, tmp_path: Path) -> None:
+        self.key, self.cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+                *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+                *("-keyout", str(self.key), "-out", str(self.cert)),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(self.cert, self.key)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.handshakes: list[str] = []
+        self.bodies: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+        self.url = f"https://127.0.0.1:{self.server.getsockname()[1]}/w1"
+
+    def _serve(self) -> None:
         while True:
             try:
-                conn, _ = server.accept()
+                conn, _ = self.server.accept()
             except OSError:
                 return
             try:
-                with context.wrap_socket(conn, server_side=True):
-                    handshakes.append("completed")
+                with self.context.wrap_socket(conn, server_side=True) as tls:
+                    self.handshakes.append("completed")
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += tls.recv(65536)
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(body) < length:
+                        body += tls.recv(65536)
+                    self.bodies.append(body)
+                    tls.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+                    )
             except (ssl.SSLError, OSError):
-                handshakes.append("refused")
+                self.handshakes.append("refused")
 
-    threading.Thread(target=serve, daemon=True).start()
-    url = f"https://127.0.0.1:{server.getsockname()[1]}/w1"
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_tls_certificates_are_verified(tmp_path: Path) -> None:
+    """A workflow URL whose certificate no trusted authority signed is a connection error on
+    both transports: nothing is sent to a server that cannot prove who it is."""
+    server = TlsServer(tmp_path)
     try:
-        seen = {t: outcome(url, t) for t in TRANSPORTS}
+        seen = {t: outcome(server.url, t) for t in TRANSPORTS}
     finally:
         server.close()
     for kind, code, message in seen.values():
         assert (kind, code) == ("TransientDeliveryError", None)
         assert message.startswith("connection error")
         assert "certificate" in message.lower(), message
-    assert "completed" not in handshakes
+    assert "completed" not in server.handshakes
+    assert server.bodies == []
+
+
+def test_a_call_over_tls_arrives_when_the_certificate_is_trusted(tmp_path: Path) -> None:
+    """The HTTPS path end to end (handshake, the host name checked against the certificate,
+    the request and its answer), with a client that trusts the server's certificate."""
+    server = TlsServer(tmp_path)
+    trusting = ssl.create_default_context(cafile=str(server.cert))
+
+    async def call(transport: httpx.AsyncBaseTransport) -> int:
+        request = httpx.Request(
+            "POST", server.url, content=BODY, headers={"Content-Type": "application/json"}
+        )
+        try:
+            response = await transport.handle_async_request(request)
+            await response.aread()
+            return response.status_code
+        finally:
+            await transport.aclose()
+
+    try:
+        statuses = [
+            asyncio.run(call(Http1Transport(max_connections=2, ssl_context=trusting))),
+            asyncio.run(call(httpx.AsyncHTTPTransport(verify=trusting))),
+        ]
+    finally:
+        server.close()
+    assert statuses == [200, 200]
+    assert server.bodies == [BODY, BODY]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
