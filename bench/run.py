@@ -209,7 +209,7 @@ def diff_table(results: list[diff_path.Result]) -> str:
 
 
 def delivery_table(result: delivery_path.Result) -> str:
-    aiohttp = result.raw["aiohttp"].best
+    aiohttp = result.baseline
     rows = []
     for kind, rate in result.syncer.items():
         rows.append(
@@ -225,6 +225,7 @@ def delivery_table(result: delivery_path.Result) -> str:
     for name, rate in result.raw.items():
         label = {
             "aiohttp": "aiohttp.ClientSession (raw)",
+            "aiohttp-uvloop": "aiohttp.ClientSession on uvloop (raw)",
             "syncer-http": "syncer TrayClient, no database",
             "httpx-aiohttp": "httpx + AiohttpTransport (raw)",
             "httpx": "httpx default transport (raw)",

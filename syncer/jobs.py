@@ -6,7 +6,6 @@ flag) is bound once when the service starts.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from syncer import audiences, leases, privacy
+from syncer import audiences, leases, loops, privacy
 from syncer.delivery import audiences_owed, deliver_audience, register_destinations
 from syncer.errors import AudienceError, LeaseHeldError
 from syncer.models import AUDIENCE_ACTIVE
@@ -79,7 +78,7 @@ def retry_owed() -> None:
         except LeaseHeldError:
             continue  # its run is under way and delivers what is owed
         try:
-            totals = asyncio.run(
+            totals = loops.run(
                 deliver_audience(
                     ctx.state,
                     audience,

@@ -3,7 +3,6 @@ failed again."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -12,7 +11,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import Engine, and_, exists, or_, select, update
 from sqlalchemy.orm import aliased
 
-from syncer import audiences, leases
+from syncer import audiences, leases, loops
 from syncer.db import write_transaction
 from syncer.delivery import Audience, DeliveryTotals, deliver_audience, register_destinations
 from syncer.errors import AudienceError, LeaseHeldError
@@ -177,7 +176,7 @@ def retry(
             results.append(RetryResult(audience_key=view.key, totals=None, error=str(exc)))
             continue
         try:
-            totals = asyncio.run(
+            totals = loops.run(
                 deliver_audience(engine, Audience(id=view.id, key=view.key), targets, settings.tray)
             )
         finally:

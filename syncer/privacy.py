@@ -10,7 +10,6 @@ until ``syncer users restore``.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import secrets
@@ -23,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, delete, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
-from syncer import leases
+from syncer import leases, loops
 from syncer.db import write_transaction
 from syncer.delivery import DeliveryTotals, deliver_audience, register_destinations
 from syncer.errors import UsageError
@@ -182,7 +181,7 @@ def forward_deletes(
     targets = register_destinations(engine, settings.tray.require_urls())
     lease = leases.acquire_deletions(engine)
     try:
-        totals = asyncio.run(
+        totals = loops.run(
             deliver_audience(engine, None, targets, settings.tray, stop=stop, due_only=due_only)
         )
     finally:

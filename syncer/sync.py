@@ -13,7 +13,6 @@ are sent by the next run, and the dead run is marked 'interrupted' when its leas
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -24,7 +23,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, select, update
 
-from syncer import audiences, diff, leases
+from syncer import audiences, diff, leases, loops
 from syncer.audiences import AudienceView
 from syncer.db import write_transaction
 from syncer.delivery import (
@@ -165,7 +164,7 @@ def _run_leased(
         staged, changes = evaluate_and_commit(
             state, settings, audience, run_id, targets, retiring=retiring
         )
-        totals = asyncio.run(
+        totals = loops.run(
             deliver_audience(
                 state,
                 Audience(id=audience.id, key=audience.key),

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import URL
 
-from syncer import logs
+from syncer import logs, loops
 
 if TYPE_CHECKING:
     from syncer.delivery import DeliveryTotals, PassPlan
@@ -181,7 +181,7 @@ def main() -> None:
 
     threading.Thread(target=watch_stdin, daemon=True).start()
     try:
-        totals = asyncio.run(_run(url, plan, stop))
+        totals = loops.run(_run(url, plan, stop))
     except Exception as exc:
         # One line for the operator; the parent logs the exit code, the next pass resends.
         print(f"syncer delivery helper: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -3,7 +3,8 @@
 syncer sends through its own HTTP/1.1 transport for speed; httpx's default transport is the
 reference. Every rule a delivery depends on (which answers are retried, which fail for good,
 timeouts, dropped connections, redirects never followed, the signature and the exact bytes)
-must come out the same on both, against the same loopback receiver.
+must come out the same on both, against the same loopback receiver. Calls run on syncer's own
+event loop (``syncer.loops``), as deliveries do.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from syncer import loops
 from syncer.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from syncer.settings import Secret
 from syncer.transport import Http1Transport
@@ -42,7 +44,7 @@ def post(url: str, transport: str, *, secret: str | None = "s3cret", timeout: fl
         ) as client:
             return await client.post(url, BODY)
 
-    return asyncio.run(go())
+    return loops.run(go())
 
 
 def outcome(url: str, transport: str, **kwargs: object) -> tuple[str, int | None, str]:
@@ -140,7 +142,7 @@ def test_keep_alive_connections_are_reused(rx: Receiver, transport: str) -> None
             for _ in range(6):
                 await client.post(rx.url("w1"), BODY)
 
-    asyncio.run(go())
+    loops.run(go())
     assert len({r.client_port for r in rx.requests("w1")}) == 1
 
 
@@ -234,7 +236,7 @@ def test_how_an_answer_is_framed_does_not_change_the_outcome(name: str) -> None:
         return seen
 
     try:
-        outcomes = {t: asyncio.run(twice(t)) for t in TRANSPORTS}
+        outcomes = {t: loops.run(twice(t)) for t in TRANSPORTS}
     finally:
         server.stop()
     assert outcomes["syncer"] == outcomes["httpx"]
@@ -332,8 +334,8 @@ def test_a_call_over_tls_arrives_when_the_certificate_is_trusted(tmp_path: Path)
 
     try:
         statuses = [
-            asyncio.run(call(Http1Transport(max_connections=2, ssl_context=trusting))),
-            asyncio.run(call(httpx.AsyncHTTPTransport(verify=trusting))),
+            loops.run(call(Http1Transport(max_connections=2, ssl_context=trusting))),
+            loops.run(call(httpx.AsyncHTTPTransport(verify=trusting))),
         ]
     finally:
         server.close()
@@ -349,6 +351,6 @@ def test_no_more_connections_than_the_limit(rx: Receiver, transport: str) -> Non
         ) as client:
             await asyncio.gather(*(client.post(rx.url("w1"), BODY) for _ in range(30)))
 
-    asyncio.run(go())
+    loops.run(go())
     assert len(rx.requests("w1")) == 30
     assert 1 <= len({r.client_port for r in rx.requests("w1")}) <= 3
