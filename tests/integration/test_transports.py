@@ -147,17 +147,21 @@ def test_keep_alive_connections_are_reused(rx: Receiver, transport: str) -> None
 
 
 class Scripted:
-    """A raw loopback server that answers every request with the same bytes."""
+    """A raw loopback server that answers every request with the same bytes; with ``tls``,
+    over TLS (it records whether each handshake completed)."""
 
-    def __init__(self, answer: bytes, *, close: bool) -> None:
-        self.answer, self.close = answer, close
+    def __init__(self, answer: bytes, *, close: bool, tls: ssl.SSLContext | None = None) -> None:
+        self.answer, self.close, self.tls = answer, close, tls
         self.requests = 0
+        self.bodies: list[bytes] = []
+        self.handshakes: list[str] = []
         self.server = socket.create_server(("127.0.0.1", 0))
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.getsockname()[1]}/w1"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.server.getsockname()[1]}/w1"
 
     def _serve(self) -> None:
         while True:
@@ -168,6 +172,14 @@ class Scripted:
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:  # ssl.SSLError included: the client refused the certificate
+                self.handshakes.append("refused")
+                conn.close()
+                return
+            self.handshakes.append("completed")
         # A client may hang up before reading all of a large answer.
         with conn, contextlib.suppress(OSError):
             data = b""
@@ -181,6 +193,7 @@ class Scripted:
                 length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
                 while len(data) < length:
                     data += conn.recv(65536)
+                self.bodies.append(data[:length])
                 data = data[length:]
                 self.requests += 1
                 conn.sendall(self.answer)
@@ -249,64 +262,35 @@ def test_how_an_answer_is_framed_does_not_change_the_outcome(name: str) -> None:
         assert outcomes["syncer"][0][0] == "sent"
 
 
-class TlsServer:
-    """A loopback HTTPS server with a certificate of its own (no authority signed it) that
-    answers one request per connection with a 200."""
+OK_AND_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
 
-    def __init__(self, tmp_path: Path) -> None:
-        self.key, self.cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-        subprocess.run(
-            [
-                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-                *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
-                *("-keyout", str(self.key), "-out", str(self.cert)),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(self.cert, self.key)
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.handshakes: list[str] = []
-        self.bodies: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-        self.url = f"https://127.0.0.1:{self.server.getsockname()[1]}/w1"
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                with self.context.wrap_socket(conn, server_side=True) as tls:
-                    self.handshakes.append("completed")
-                    data = b""
-                    while b"\r\n\r\n" not in data:
-                        data += tls.recv(65536)
-                    head, _, body = data.partition(b"\r\n\r\n")
-                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                    while len(body) < length:
-                        body += tls.recv(65536)
-                    self.bodies.append(body)
-                    tls.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
-                    )
-            except (ssl.SSLError, OSError):
-                self.handshakes.append("refused")
-
-    def close(self) -> None:
-        self.server.close()
+def tls_server(tmp_path: Path) -> tuple[Scripted, Path]:
+    """A loopback HTTPS server with a certificate of its own (no authority signed it), and
+    that certificate."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return Scripted(OK_AND_CLOSE, close=True, tls=context), cert
 
 
 def test_tls_certificates_are_verified(tmp_path: Path) -> None:
     """A workflow URL whose certificate no trusted authority signed is a connection error on
     both transports: nothing is sent to a server that cannot prove who it is."""
-    server = TlsServer(tmp_path)
+    server, _cert = tls_server(tmp_path)
     try:
-        seen = {t: outcome(server.url, t) for t in TRANSPORTS}
+        seen = {t: outcome(server.url(), t) for t in TRANSPORTS}
     finally:
-        server.close()
+        server.stop()
     for kind, code, message in seen.values():
         assert (kind, code) == ("TransientDeliveryError", None)
         assert message.startswith("connection error")
@@ -318,12 +302,12 @@ def test_tls_certificates_are_verified(tmp_path: Path) -> None:
 def test_a_call_over_tls_arrives_when_the_certificate_is_trusted(tmp_path: Path) -> None:
     """The HTTPS path end to end (handshake, the host name checked against the certificate,
     the request and its answer), with a client that trusts the server's certificate."""
-    server = TlsServer(tmp_path)
-    trusting = ssl.create_default_context(cafile=str(server.cert))
+    server, cert = tls_server(tmp_path)
+    trusting = ssl.create_default_context(cafile=str(cert))
 
     async def call(transport: httpx.AsyncBaseTransport) -> int:
         request = httpx.Request(
-            "POST", server.url, content=BODY, headers={"Content-Type": "application/json"}
+            "POST", server.url(), content=BODY, headers={"Content-Type": "application/json"}
         )
         try:
             response = await transport.handle_async_request(request)
@@ -338,7 +322,7 @@ def test_a_call_over_tls_arrives_when_the_certificate_is_trusted(tmp_path: Path)
             loops.run(call(httpx.AsyncHTTPTransport(verify=trusting))),
         ]
     finally:
-        server.close()
+        server.stop()
     assert statuses == [200, 200]
     assert server.bodies == [BODY, BODY]
 

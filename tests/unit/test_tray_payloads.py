@@ -59,10 +59,15 @@ def test_identify_body_is_the_segment_wire_format() -> None:
         message_id=message_id,
         timestamp=MOMENT,
     )
-    assert json.loads(body) == {
+    assert json.loads(body) == message("u123", True, message_id, "2026-11-22T10:00:00.000Z")
+
+
+def message(user_id: str, value: bool, message_id: str, timestamp: str) -> dict[str, object]:
+    """An identify message as DESIGN.md's wire format has it, in its key order."""
+    return {
         "type": "identify",
-        "userId": "u123",
-        "traits": {KEY: True},
+        "userId": user_id,
+        "traits": {KEY: value},
         "context": {
             "personas": {
                 "computation_class": "audience",
@@ -73,7 +78,7 @@ def test_identify_body_is_the_segment_wire_format() -> None:
         },
         "integrations": {"All": False},
         "messageId": message_id,
-        "timestamp": "2026-11-22T10:00:00.000Z",
+        "timestamp": timestamp,
     }
 
 
@@ -147,23 +152,8 @@ def test_a_body_is_byte_for_byte_the_compact_json_of_the_message(user_id: str) -
     bodies = IdentifyBodies(KEY, 42)
     for value, moment in [(True, MOMENT), (False, MOMENT + timedelta(milliseconds=7))]:
         message_id = identify_message_id(42, 7, user_id)
-        expected = {
-            "type": "identify",
-            "userId": user_id,
-            "traits": {KEY: value},
-            "context": {
-                "personas": {
-                    "computation_class": "audience",
-                    "computation_key": KEY,
-                    "computation_id": "42",
-                },
-                "library": {"name": "syncer", "version": syncer.__version__},
-            },
-            "integrations": {"All": False},
-            "messageId": message_id,
-            "timestamp": moment.strftime("%Y-%m-%dT%H:%M:%S.")
-            + f"{moment.microsecond // 1000:03d}Z",
-        }
+        stamp = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        expected = message(user_id, value, message_id, stamp)
         body = bodies.body(user_id=user_id, value=value, message_id=message_id, timestamp=moment)
         assert body == json.dumps(expected, separators=(",", ":"), ensure_ascii=False).encode()
 
