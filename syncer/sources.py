@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
     Connection,
     Engine,
@@ -159,6 +160,7 @@ class MemberQuery:
 
     rows: Subquery
     id: ColumnElement[Any]
+    user_id: ColumnElement[str]  # the id as text
     valid: ColumnElement[bool]
     members: Select[str]
     raw: Select[Any]  # the ids as the source returns them, for streaming
@@ -174,12 +176,13 @@ def member_query(sql: str, id_name: str) -> MemberQuery:
     user_id = cast(rows.c[id_name], Text)
     valid = and_(
         rows.c[id_name].is_not(None),
-        _Unblanked(user_id) != "",
+        _NotBlank(user_id),
         func.length(user_id) <= USER_ID_LENGTH,
     )
     return MemberQuery(
         rows=rows,
         id=rows.c[id_name],
+        user_id=user_id,
         valid=valid,
         members=select(user_id.label(USER_ID_COLUMN)).where(valid),
         raw=select(rows.c[id_name]).where(_ONE_STATEMENT),
@@ -189,26 +192,36 @@ def member_query(sql: str, id_name: str) -> MemberQuery:
 BLANK_CHARACTERS = " \t\r\n"
 
 
-class _Unblanked(FunctionElement[str]):
-    """The id with BLANK_CHARACTERS trimmed from both ends: ``trim(id, ' \t\r\n')`` where the
-    database has it (several times faster than nested replaces on a million rows)."""
+class _NotBlank(FunctionElement[bool]):
+    """True when the id holds a character other than BLANK_CHARACTERS."""
 
-    type = Text()
+    type = Boolean()
     inherit_cache = True
+    # A condition in its own right: never rendered ``(…) = 1`` on SQLite, which would compute
+    # the OR inside as a value (both sides, every row) instead of stopping at the first.
+    _is_implicitly_boolean = True
 
 
-@compiles(_Unblanked)
-def _unblanked_portable(element: _Unblanked, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(_NotBlank)
+def _not_blank_portable(element: _NotBlank, compiler: SQLCompiler, **kw: Any) -> str:
     spaced = func.replace(
         func.replace(func.replace(*element.clauses, "\t", " "), "\n", " "), "\r", " "
     )
-    return compiler.process(func.trim(spaced), **kw)
+    return compiler.process(func.trim(spaced) != "", **kw)
 
 
-@compiles(_Unblanked, "sqlite")
-@compiles(_Unblanked, "postgresql")
-def _unblanked_trim(element: _Unblanked, compiler: SQLCompiler, **kw: Any) -> str:
-    return compiler.process(func.trim(*element.clauses, literal(BLANK_CHARACTERS)), **kw)
+@compiles(_NotBlank, "sqlite")
+@compiles(_NotBlank, "postgresql")
+def _not_blank_trim(element: _NotBlank, compiler: SQLCompiler, **kw: Any) -> str:
+    """``trim(id, ' \t\r\n')`` is not empty, decided without calling trim for the ids whose
+    first byte sorts after every blank character (all of them but a rare few): in byte order
+    (BINARY on SQLite, "C" on PostgreSQL), an id at or above ``'!'`` starts with such a byte.
+    The byte comparison is several times cheaper than trim on a million rows."""
+    (value,) = element.clauses
+    byte_order = "BINARY" if compiler.dialect.name == "sqlite" else '"C"'
+    text_id = compiler.process(value, **kw)
+    trimmed = compiler.process(func.trim(value, literal(BLANK_CHARACTERS)), **kw)
+    return f"({text_id} COLLATE {byte_order} >= '!' OR {trimmed} != '')"
 
 
 # A bound parameter (see id_column): it keeps the driver from running several statements.

@@ -153,6 +153,10 @@ def test_duplicates_collapse_and_blank_ids_are_skipped(any_source_world: World) 
         assert sorted(r.user_id for r in w.rx.requests(path)) == ["u1", "u2", "u3"]
     assert w.current_members(key) == {"u1", "u2", "u3"}
 
+    # counted afresh on every run
+    again = w.sync(key)
+    assert (again.members, again.added, again.skipped) == (3, 0, 4)
+
 
 def test_whitespace_only_ids_are_skipped_on_every_source(any_source_world: World) -> None:
     """A blank id is blank whatever the source: tabs and newlines are not user ids."""
@@ -178,6 +182,33 @@ def test_ids_longer_than_255_characters_are_skipped_not_cut(any_source_world: Wo
     assert (result.members, result.skipped) == (2, 1)
     assert w.current_members(key) == {"u1", "y" * 255}
     assert sorted(r.user_id for r in w.rx.requests("w1")) == ["u1", "y" * 255]
+
+
+def test_ids_arrive_exactly_as_the_source_holds_them(every_source_world: World) -> None:
+    """Inner whitespace, escapes of PostgreSQL's COPY format, ids starting with a blank or a
+    control character, the lowest printable character: all are ids, stored and sent as is."""
+    w = every_source_world
+    odd = [
+        "back\\slash",
+        "\\.",
+        "tab\tinside",
+        "line\nbreak",
+        "cr\rhere",
+        " leading space",
+        "trailing space ",
+        "\x01control",
+        "!",
+        "ünïcödé",
+        "é" * 255,
+    ]
+    w.set_users(["u1", *odd, "u2"])
+    key = w.create().key
+
+    result = w.sync(key)
+
+    assert (result.members, result.skipped) == (len(odd) + 2, 0)
+    assert w.current_members(key) == {"u1", "u2", *odd}
+    assert sorted(r.user_id for r in w.rx.requests("w1")) == sorted(["u1", "u2", *odd])
 
 
 def test_integer_ids_from_the_source_become_strings(every_source_world: World) -> None:
