@@ -21,6 +21,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     Subquery,
     Text,
     and_,
@@ -177,7 +178,7 @@ def member_query(sql: str, id_name: str) -> MemberQuery:
     valid = and_(
         rows.c[id_name].is_not(None),
         _NotBlank(user_id),
-        func.length(user_id) <= USER_ID_LENGTH,
+        _Characters(user_id) <= USER_ID_LENGTH,
     )
     return MemberQuery(
         rows=rows,
@@ -222,6 +223,24 @@ def _not_blank_trim(element: _NotBlank, compiler: SQLCompiler, **kw: Any) -> str
     text_id = compiler.process(value, **kw)
     trimmed = compiler.process(func.trim(value, literal(BLANK_CHARACTERS)), **kw)
     return f"({text_id} COLLATE {byte_order} >= '!' OR {trimmed} != '')"
+
+
+class _Characters(FunctionElement[int]):
+    """The id's length in characters: ``length`` (MySQL's counts bytes: ``char_length``)."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(_Characters)
+def _characters(element: _Characters, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(func.length(*element.clauses), **kw)
+
+
+@compiles(_Characters, "mysql")
+@compiles(_Characters, "mariadb")
+def _characters_mysql(element: _Characters, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(func.char_length(*element.clauses), **kw)
 
 
 # A bound parameter (see id_column): it keeps the driver from running several statements.
