@@ -12,10 +12,13 @@ database, syncer's streamed path) and size:
 - **baseline**: the bare SQL on the same database: a staging table, the fastest load (SQLite
   ``INSERT … SELECT`` or ``executemany`` into a ``WITHOUT ROWID`` table; PostgreSQL
   ``INSERT … SELECT`` or ``COPY`` into a table without index, then the key), the two
-  anti-joins into a changes table, against ``bench_prev(user_id PRIMARY KEY)`` holding ``v1``;
-- **baseline_m**: the same bare SQL with the anti-joins against syncer's ``memberships``
-  (the audience's current rows) instead: what is left between it and syncer is syncer's code,
-  not its table layout.
+  anti-joins (``LEFT JOIN … IS NULL``) into a changes table, against
+  ``bench_prev(user_id PRIMARY KEY)`` holding ``v1``;
+- **baseline_m**: the bare SQL against syncer's ``memberships`` (the audience's current rows),
+  the differences in the form syncer uses on that database (``SYNCER_FORM``): what is left
+  between it and syncer is syncer's code, not its table layout;
+- **baseline_x**: the baseline with the two differences written as ``EXCEPT … ORDER BY`` (what
+  syncer runs on SQLite, where it is a merge): the floor for the same set work.
 
 All run ``reps`` times, interleaved (the order alternates), and the best of each is compared.
 """
@@ -51,6 +54,7 @@ AUDIENCE_SQL = "SELECT user_id FROM members_v2"
 UNUSED_URL = "http://127.0.0.1:9/bench-diff"  # never called: the diff path does not deliver
 STREAM_BATCH = 10_000
 PLACEMENTS = ("same", "other")
+SYNCER_FORM = {"sqlite": "except", "postgresql": "anti-join"}  # how syncer.diff.compute diffs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,12 +268,14 @@ def _undo_run(setup: Setup, run_id: int) -> None:
 
 
 def run_baseline(
-    setup: Setup, placement: str, against: str = "prev"
+    setup: Setup, placement: str, against: str = "prev", form: str = "anti-join"
 ) -> tuple[float, dict[str, float]]:
     """The bare SQL. ``against="prev"``: the previous snapshot as ``bench_prev(user_id PRIMARY
     KEY)``, the ideal layout; ``"memberships"``: syncer's own ``memberships`` (current rows of
-    the audience), to separate the cost of syncer's code from the cost of its table layout."""
-    diff = _diff_statements(setup, against)
+    the audience), to separate the cost of syncer's code from the cost of its table layout.
+    ``form``: the two differences as anti-joins (``LEFT JOIN … IS NULL``) or as ``EXCEPT``
+    ordered by id (SQLite merges those, see ``syncer.diff.compute``)."""
+    diff = _diff_statements(setup, against, form)
     if setup.kind == "sqlite":
         seconds, parts, counts = _baseline_sqlite(setup, placement, diff)
     else:
@@ -280,7 +286,7 @@ def run_baseline(
     return seconds, parts
 
 
-def _diff_statements(setup: Setup, against: str) -> tuple[str, ...]:
+def _diff_statements(setup: Setup, against: str, form: str) -> tuple[str, ...]:
     true, false, changes = (
         ("1", "0", "entered INTEGER NOT NULL) WITHOUT ROWID")
         if setup.kind == "sqlite"
@@ -290,13 +296,26 @@ def _diff_statements(setup: Setup, against: str) -> tuple[str, ...]:
         previous, current = "bench_prev p", ""
     else:
         previous = "memberships p"
-        current = f"p.audience_id = {setup.audience.id} AND p.exited_run_id IS NULL AND "
+        current = f"p.audience_id = {setup.audience.id} AND p.exited_run_id IS NULL"
+    create = f"CREATE TEMP TABLE b_changes (user_id TEXT PRIMARY KEY, {changes}"
+    if form == "except":
+        where = f" WHERE {current}" if current else ""
+        previous_ids = f"SELECT p.user_id FROM {previous}{where}"
+        return (
+            create,
+            f"INSERT INTO b_changes SELECT user_id, {true} FROM "
+            f"(SELECT user_id FROM b_staged EXCEPT {previous_ids} ORDER BY 1) x",
+            f"INSERT INTO b_changes SELECT user_id, {false} FROM "
+            f"({previous_ids} EXCEPT SELECT user_id FROM b_staged ORDER BY 1) x",
+        )
+    on_current = f" AND {current}" if current else ""
+    and_current = f"{current} AND " if current else ""
     return (
-        f"CREATE TEMP TABLE b_changes (user_id TEXT PRIMARY KEY, {changes}",
+        create,
         f"INSERT INTO b_changes SELECT s.user_id, {true} FROM b_staged s "
-        f"WHERE NOT EXISTS (SELECT 1 FROM {previous} WHERE {current}p.user_id = s.user_id)",
+        f"LEFT JOIN {previous} ON p.user_id = s.user_id{on_current} WHERE p.user_id IS NULL",
         f"INSERT INTO b_changes SELECT p.user_id, {false} FROM {previous} "
-        f"WHERE {current}NOT EXISTS (SELECT 1 FROM b_staged s WHERE s.user_id = p.user_id)",
+        f"LEFT JOIN b_staged s ON s.user_id = p.user_id WHERE {and_current}s.user_id IS NULL",
     )
 
 
@@ -379,7 +398,8 @@ class Result:
     size: int
     syncer: Samples
     baseline: Samples  # bare SQL against bench_prev (the ideal layout)
-    baseline_memberships: Samples  # the same bare SQL against syncer's memberships
+    baseline_memberships: Samples  # bare SQL in syncer's form against syncer's memberships
+    baseline_except: Samples  # bare SQL against bench_prev, the differences as ordered EXCEPT
 
     @property
     def ratio(self) -> float:
@@ -388,6 +408,10 @@ class Result:
     @property
     def ratio_memberships(self) -> float:
         return self.syncer.best / self.baseline_memberships.best
+
+    @property
+    def ratio_except(self) -> float:
+        return self.syncer.best / self.baseline_except.best
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -399,6 +423,8 @@ class Result:
             "baseline_against_memberships": self.baseline_memberships.as_json(),
             "ratio_best": round(self.ratio, 3),
             "ratio_against_memberships_best": round(self.ratio_memberships, 3),
+            "baseline_except": self.baseline_except.as_json(),
+            "ratio_against_except_best": round(self.ratio_except, 3),
             "ratio_median": round(self.syncer.median / self.baseline.median, 3),
             "syncer_seconds_per_million": round(self.syncer.best / self.size * 1e6, 3),
             "baseline_seconds_per_million": round(self.baseline.best / self.size * 1e6, 3),
@@ -419,12 +445,15 @@ def measure(
     results = []
     try:
         for placement in PLACEMENTS:
-            samples = {name: Samples() for name in ("syncer", "baseline", "baseline_m")}
             runs: dict[str, Callable[[], tuple[float, dict[str, float]]]] = {
                 "syncer": functools.partial(run_syncer, setup, placement),
                 "baseline": functools.partial(run_baseline, setup, placement),
-                "baseline_m": functools.partial(run_baseline, setup, placement, "memberships"),
+                "baseline_m": functools.partial(
+                    run_baseline, setup, placement, "memberships", SYNCER_FORM[kind]
+                ),
+                "baseline_x": functools.partial(run_baseline, setup, placement, form="except"),
             }
+            samples = {name: Samples() for name in runs}
             for rep in range(reps):
                 order = list(runs)
                 if rep % 2:
@@ -449,6 +478,7 @@ def measure(
                     syncer=samples["syncer"],
                     baseline=samples["baseline"],
                     baseline_memberships=samples["baseline_m"],
+                    baseline_except=samples["baseline_x"],
                 )
             )
     finally:

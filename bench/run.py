@@ -183,6 +183,8 @@ def diff_table(results: list[diff_path.Result]) -> str:
                 f"{r.syncer.median / r.baseline.median:.2f}x",
                 f"{r.baseline_memberships.best:.2f}",
                 f"{r.ratio_memberships:.2f}x",
+                f"{r.baseline_except.best:.2f}",
+                f"{r.ratio_except:.2f}x",
                 f"{r.syncer.best / r.size * 1e6:.2f}",
                 f"{r.baseline.best / r.size * 1e6:.2f}",
                 f"{parts.get('stage', 0):.2f}/{parts.get('compute', 0):.2f}/"
@@ -200,6 +202,8 @@ def diff_table(results: list[diff_path.Result]) -> str:
         "ratio(med)",
         "bare/memb s",
         "ratio/memb",
+        "bare/exc s",
+        "ratio/exc",
         "syncer s/M",
         "bare s/M",
         "stage/diff/commit",
