@@ -61,7 +61,6 @@ from syncer.models import (
     owed,
 )
 from syncer.sources import (
-    BLANK_CHARACTERS,
     Source,
     id_column,
     is_valid_id,
@@ -266,22 +265,25 @@ def _stage_streamed(conn: Connection, source: Source, sql: str) -> Loaded:
 
     Rows come straight from the driver's cursor (``fetchmany``: plain tuples, no result-row
     objects) and go to the state database in one transaction."""
-    skipped = rows = 0
+    skipped = 0
     try:
         with source.engine.connect() as src, read_only(src, source.settings.query_timeout_seconds):
             id_name = id_column(src, sql)
-            with _driver_cursor(src, member_query(sql, id_name).raw) as cursor, conn.begin():
-                load = _loader(conn)
+            with (
+                _driver_cursor(src, member_query(sql, id_name).raw) as cursor,
+                conn.begin(),
+                _bulk_load(conn) as load,
+            ):
                 while batch := cursor.fetchmany(STREAM_BATCH):
                     good, bad = _valid_rows(batch)
                     skipped += bad
                     if good:
-                        rows += load(good)
+                        load.add(good)
     except SQLAlchemyError as exc:
         raise run_error(source, exc) from None
     except source.engine.dialect.loaded_dbapi.Error as exc:  # from the driver's own cursor
         raise run_error(source, exc) from None
-    return Loaded(rows=rows, skipped=skipped)
+    return Loaded(rows=load.rows, skipped=skipped)
 
 
 @contextlib.contextmanager
@@ -307,69 +309,80 @@ def _driver_cursor(src: Connection, query: Select[Any]) -> Iterator[Any]:
         cursor.close()
 
 
-def _valid_rows(batch: Sequence[Any]) -> tuple[list[tuple[str]], int]:
+def _valid_rows(batch: Sequence[Any]) -> tuple[Sequence[tuple[str]], int]:
     """The rows whose id is valid, as ``(id,)`` text tuples, and how many were not.
-    The fast path keeps the driver's own tuples when every id is already valid text."""
-    good = [
-        row
-        for row in batch
-        if type(row[0]) is str and row[0].strip(BLANK_CHARACTERS) and len(row[0]) <= USER_ID_LENGTH
-    ]
-    if len(good) == len(batch):
-        return good, 0
-    good = []
-    for (value,) in batch:
-        if value is not None and is_valid_id(user_id := str(value)):
-            good.append((user_id,))
+
+    The usual batch is checked whole, at C speed, and its tuples kept as the driver made them:
+    when the smallest id sorts at or after ``"!"`` no id is empty or starts with a blank
+    character (all of them sort before it), so none is blank; with the longest id short enough,
+    every id is valid. Otherwise (NULL or numeric ids raise TypeError on the way) each id is
+    checked by ``is_valid_id``."""
+    ids = [row[0] for row in batch]
+    try:
+        if min(ids) >= "!" and max(map(len, ids)) <= USER_ID_LENGTH:
+            return batch, 0
+    except TypeError:
+        pass
+    good = [(user_id,) for value in ids if value is not None and is_valid_id(user_id := str(value))]
     return good, len(batch) - len(good)
 
 
 _COPY_ESCAPED = re.compile(r"[\\\t\r]")  # and line breaks: see _plain_copy_block
 
 
-def _plain_copy_block(rows: list[tuple[str]]) -> str | None:
+def _plain_copy_block(rows: Sequence[tuple[str]]) -> str | None:
     """The rows as COPY text lines, or None if an id holds a character that format escapes
     (a backslash, tab or line break)."""
-    block = "\n".join(row[0] for row in rows)
+    block = "\n".join([row[0] for row in rows])
     if block.count("\n") != len(rows) - 1 or _COPY_ESCAPED.search(block):
         return None
     return block + "\n"
 
 
-def _loader(conn: Connection) -> Callable[[list[tuple[str]]], int]:
-    """A function that bulk-loads ``(id,)`` rows into ``syncer_staged`` the fastest way the
-    state database allows and returns how many rows it wrote: COPY on PostgreSQL (into the
-    heap, keyed afterwards), ``INSERT OR IGNORE`` on SQLite."""
+class _Load:
+    """Rows going into ``syncer_staged``: ``add`` a batch; ``rows`` written once it is done."""
+
+    def __init__(self, add: Callable[[Sequence[tuple[str]]], int | None]) -> None:
+        self._add = add  # returns how many rows it wrote, or None when the count comes later
+        self.rows = 0
+
+    def add(self, rows: Sequence[tuple[str]]) -> None:
+        self.rows += self._add(rows) or 0
+
+
+@contextlib.contextmanager
+def _bulk_load(conn: Connection) -> Iterator[_Load]:
+    """Bulk-load ``(id,)`` rows into ``syncer_staged`` the fastest way the state database
+    allows. PostgreSQL: one COPY for the whole stream, into the heap (keyed afterwards).
+    SQLite: ``INSERT OR IGNORE`` per batch. MySQL: ``INSERT IGNORE`` per batch (its row count
+    is not kept: ``stage`` counts the table)."""
     dialect = conn.dialect.name
     if dialect == "postgresql":
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
+        raw: Any = conn.connection.dbapi_connection
+        with raw.cursor() as cursor:
+            with cursor.copy("COPY syncer_staged (user_id) FROM STDIN") as copy:
 
-        def copy_rows(rows: list[tuple[str]]) -> int:
-            with raw.cursor() as cursor:  # type: ignore[attr-defined]
-                with cursor.copy("COPY syncer_staged (user_id) FROM STDIN") as copy:
+                def copy_rows(rows: Sequence[tuple[str]]) -> None:
                     block = _plain_copy_block(rows)
                     if block is None:  # rare: ids COPY's text format must escape
                         for row in rows:
                             copy.write_row(row)
                     else:
                         copy.write(block)
-                return int(cursor.rowcount)
 
-        return copy_rows
-    if dialect == "sqlite":
+                load = _Load(copy_rows)
+                yield load
+            load.rows = int(cursor.rowcount)
+    elif dialect == "sqlite":
+        sql = "INSERT OR IGNORE INTO syncer_staged (user_id) VALUES (?)"
+        yield _Load(lambda rows: conn.exec_driver_sql(sql, rows, COUNT_ROWS).rowcount)
+    else:
+        insert_ignore = insert(STAGED).prefix_with("IGNORE")
 
-        def insert_rows(rows: list[tuple[str]]) -> int:
-            sql = "INSERT OR IGNORE INTO syncer_staged (user_id) VALUES (?)"
-            return conn.exec_driver_sql(sql, rows, COUNT_ROWS).rowcount  # those not ignored
+        def insert_rows(rows: Sequence[tuple[str]]) -> None:
+            conn.execute(insert_ignore, [{"user_id": row[0]} for row in rows])
 
-        return insert_rows
-
-    def insert_ignore(rows: list[tuple[str]]) -> int:
-        conn.execute(insert(STAGED).prefix_with("IGNORE"), [{"user_id": row[0]} for row in rows])
-        return len(rows)  # at most; stage() counts the table on MySQL
-
-    return insert_ignore
+        yield _Load(insert_rows)
 
 
 def current_members(audience_id: int) -> ColumnElement[bool]:
