@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reps", type=int, default=3, help="repetitions per measurement (3)")
     parser.add_argument(
-        "--deliveries", type=parse_size, default=4_000, help="calls per delivery measurement (4k)"
+        "--deliveries", type=parse_size, default=20_000, help="calls per delivery measurement (20k)"
     )
     parser.add_argument(
         "--initial-size",

@@ -136,8 +136,6 @@ def stage(conn: Connection, source: Source | None, sql: str) -> Staged:
     dialect = conn.dialect.name
     with conn.begin():
         (STAGED_HEAP if dialect == "postgresql" else STAGED).create(conn)
-        if dialect == "postgresql":  # created here: a read-only transaction may not create it
-            conn.exec_driver_sql(f"CREATE TEMPORARY SEQUENCE {SKIP_SEQUENCE}")
     if source is None:
         loaded = Loaded(rows=0, skipped=0)
     elif source.same_as_state:
@@ -227,9 +225,12 @@ def _skip_counter(conn: Connection) -> Iterator[_SkipCounter | None]:
     """A counting condition, or None where the database offers none (MySQL: a second scan
     counts). SQLite: a function of this connection, calling back into Python for the invalid
     rows only. PostgreSQL: ``nextval`` of a temporary sequence (allowed in a read-only
-    transaction; created by ``stage``)."""
+    transaction; created before it, which may not create one; dropped by
+    ``reset_temp_tables``)."""
     dialect = conn.dialect.name
     if dialect == "postgresql":
+        with conn.begin():
+            conn.exec_driver_sql(f"CREATE TEMPORARY SEQUENCE {SKIP_SEQUENCE}")
 
         def sequence_value() -> int:
             last, called = conn.exec_driver_sql(
