@@ -25,6 +25,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     ColumnElement,
+    CompoundSelect,
     Connection,
     Integer,
     MetaData,
@@ -115,6 +116,12 @@ class Diff:
     deletions_seen: int = 0  # the newest user deletion this diff accounted for
 
 
+@dataclass(frozen=True, kw_only=True)
+class Loaded:
+    rows: int  # rows written to syncer_staged (on PostgreSQL before duplicates collapse)
+    skipped: int  # NULL, blank or over-long ids left out
+
+
 COUNT_ROWS: Any = {"preserve_rowcount": True}  # the driver's row count, even for an INSERT
 SKIP_SEQUENCE = "syncer_skipped"  # PostgreSQL: counts the rows an in-place staging skips
 
@@ -149,12 +156,6 @@ def stage(conn: Connection, source: Source | None, sql: str) -> Staged:
         with conn.begin():
             members = conn.execute(select(func.count()).select_from(STAGED)).scalar_one()
     return Staged(members=int(members), skipped=loaded.skipped)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Loaded:
-    rows: int  # rows written to syncer_staged (on PostgreSQL before duplicates collapse)
-    skipped: int  # NULL, blank or over-long ids left out
 
 
 def _key_postgres_stage(conn: Connection) -> int:
@@ -396,6 +397,8 @@ def compute(conn: Connection, audience_id: int) -> Diff:
         CHANGES.create(conn)
         current = select(M.c.user_id).where(current_members(audience_id))
         staged = select(STAGED.c.user_id)
+        entered: Select[Any] | CompoundSelect[Any]
+        left: Select[Any] | CompoundSelect[Any]
         if conn.dialect.name == "sqlite":
             entered, left = _merged_differences(staged, current)
         else:
@@ -415,7 +418,9 @@ def compute(conn: Connection, audience_id: int) -> Diff:
         return _counted(conn, suppressed=suppressed, deletions_seen=seen)
 
 
-def _merged_differences(staged: Select[Any], current: Select[Any]) -> tuple[Any, Any]:
+def _merged_differences(
+    staged: Select[Any], current: Select[Any]
+) -> tuple[CompoundSelect[Any], CompoundSelect[Any]]:
     """SQLite: ``EXCEPT`` both ways, ordered by user id. SQLite has no merge join (an anti-join
     looks every id up in the other B-tree: ~0.7 s a million against ``memberships``), but it
     merges a compound SELECT whose ORDER BY both sides' indexes already give (``syncer_staged``
