@@ -10,7 +10,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.engine import URL
 
-from syncer.db import create_state_engine
+from syncer.db import comparison_options, create_state_engine
 from syncer.models import Base
 from syncer.settings import load_settings
 
@@ -46,7 +46,7 @@ def run_migrations_online() -> None:
                 connection=connection,
                 target_metadata=Base.metadata,
                 render_as_batch=True,
-                compare_type=True,
+                **comparison_options(connection),
             )
             with context.begin_transaction():
                 context.run_migrations()

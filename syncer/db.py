@@ -105,6 +105,21 @@ def migrations_dir() -> Path:
     raise ConfigError("the syncer migrations are missing from this installation; reinstall syncer")
 
 
+def comparison_options(conn: Connection) -> dict[str, Any]:
+    """How Alembic compares the models with this database: types too, and only what belongs
+    on its kind of database (``models.only_on``)."""
+    from syncer.models import in_schema
+
+    dialect = conn.dialect.name
+
+    def include_object(
+        item: object, _name: str | None, _type: str, reflected: bool, _to: object
+    ) -> bool:
+        return reflected or in_schema(item, dialect)
+
+    return {"compare_type": True, "include_object": include_object}
+
+
 def alembic_config(url: URL) -> Any:
     from alembic.config import Config
 
