@@ -576,7 +576,9 @@ def commit_snapshot(
                 added=diff.added,
                 removed=diff.removed,
                 skipped_ids=staged.skipped + diff.suppressed,
-                committed_at=now,
+                # The transaction's last statement: the time of its commit, give or take the
+                # commit itself (``now``, its start, is minutes earlier for a large backfill).
+                committed_at=datetime.now(UTC),
             )
         )
     conn.execution_options(sqlite_begin="")
