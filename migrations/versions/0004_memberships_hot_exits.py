@@ -8,8 +8,10 @@ of WAL before, 1.7 s and 273-338 MB after. So, on PostgreSQL only:
 
 - no index on ``exited_run_id`` (syncer never looks rows up by it there; on SQLite its order
   serves the diff's merge, and MySQL keeps it for the foreign key);
-- ``fillfactor`` 90: new pages keep a tenth free for the exits of their rows. Pages written
-  before this migration fill up as they are; VACUUM frees room on them as rows change.
+- ``fillfactor`` 90: new pages keep a tenth free for the exits of their rows (a run whose
+  exits are more than about a tenth of a page's rows makes ordinary updates of the rest).
+  Pages written before this migration fill up as they are; VACUUM frees room on them as rows
+  change.
 
 Revision ID: 0004
 Revises: 0003
