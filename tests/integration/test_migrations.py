@@ -76,31 +76,6 @@ def test_upgrade_on_an_empty_database_gives_exactly_the_models(state_url: str) -
         engine.dispose()
 
 
-def test_an_exit_on_postgresql_rewrites_the_row_in_its_page(state_url: str) -> None:
-    """docs/schema.md: memberships keeps room in its pages and no index on exited_run_id there,
-    so an exit touches no index (the schema comparison above checks the index is absent)."""
-    url = make_url(state_url)
-    syncer.db.upgrade(url)
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            indexes = {tuple(i["column_names"]) for i in inspect(conn).get_indexes("memberships")}
-            options = (
-                conn.exec_driver_sql(
-                    "SELECT reloptions FROM pg_class WHERE relname = 'memberships'"
-                ).scalar_one()
-                if url.get_backend_name() == "postgresql"
-                else None
-            )
-    finally:
-        engine.dispose()
-    if url.get_backend_name() != "postgresql":
-        assert ("exited_run_id",) in indexes  # SQLite's diff merges in this index's order
-        return
-    assert ("exited_run_id",) not in indexes
-    assert options == ["fillfactor=90"]
-
-
 def test_downgrade_to_base_and_upgrade_again(state_url: str) -> None:
     url = make_url(state_url)
     syncer.db.upgrade(url)
