@@ -18,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -119,7 +120,7 @@ NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
     "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
 
@@ -180,7 +181,8 @@ class SyncRun(Base):
             "status IN ('running', 'succeeded', 'partial', 'failed', 'interrupted')",
             name="status",
         ),
-        Index(None, "audience_id", "id"),
+        # Unique, as ``id`` alone is: the key the history's foreign keys refer to (``in_run``).
+        Index(None, "audience_id", "id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -199,6 +201,17 @@ class SyncRun(Base):
     pid: Mapped[int] = mapped_column(Integer)
 
 
+def in_run(run_column: str) -> ForeignKeyConstraint:
+    """``(audience_id, <run_column>)`` refers to a run *of the same audience*.
+
+    One key where an ``audience_id`` and a run id would each have their own: the database
+    checks a foreign key with one lookup per written row, and a run's rows are written by the
+    million (measured on PostgreSQL: 1.7-1.8 s to insert 200,000 rows with this key, 2.6-3.9 s
+    with the two, 0.7-1.0 s with none). The audience is still checked, through the run's own
+    key to ``audiences``; and a row can no longer name another audience's run."""
+    return ForeignKeyConstraint(["audience_id", run_column], [SyncRun.audience_id, SyncRun.id])
+
+
 class Membership(Base):
     """One stay of a user in an audience: entered in one run, exited in a later one (or not yet).
 
@@ -208,6 +221,8 @@ class Membership(Base):
 
     __tablename__ = "memberships"
     __table_args__ = (
+        in_run("entered_run_id"),
+        in_run("exited_run_id"),
         Index(None, "entered_run_id"),
         # Not on PostgreSQL: there an exit is then a HOT update, its row rewritten in its own
         # page (fillfactor 90 leaves room) and no index touched (migration 0004).
@@ -215,10 +230,10 @@ class Membership(Base):
         {"sqlite_with_rowid": False, "postgresql_with": {"fillfactor": 90}},
     )
 
-    audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id"), primary_key=True)
+    audience_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[str] = mapped_column(exact_string(USER_ID_LENGTH), primary_key=True)
-    entered_run_id: Mapped[int] = mapped_column(ForeignKey("sync_runs.id"), primary_key=True)
-    exited_run_id: Mapped[int | None] = mapped_column(ForeignKey("sync_runs.id"))
+    entered_run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    exited_run_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class Delivery(Base):
@@ -234,6 +249,7 @@ class Delivery(Base):
         CheckConstraint(
             "status IN ('pending', 'sent', 'failed', 'superseded', 'cancelled')", name="status"
         ),
+        in_run("run_id"),  # both NULL on a delete: not checked
         Index(None, "status", "audience_id", "destination_id", "id"),
         Index(None, "audience_id", "user_id"),
         Index(None, "run_id", "status"),
@@ -241,8 +257,8 @@ class Delivery(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    run_id: Mapped[int | None] = mapped_column(ForeignKey("sync_runs.id"))
-    audience_id: Mapped[int | None] = mapped_column(ForeignKey("audiences.id"))
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    audience_id: Mapped[int | None] = mapped_column(Integer)
     deletion_id: Mapped[int | None] = mapped_column(ForeignKey("user_deletions.id"))
     destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id"))
     user_id: Mapped[str] = mapped_column(exact_string(USER_ID_LENGTH))

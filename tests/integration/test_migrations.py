@@ -7,16 +7,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
 import syncer.db
 from syncer.models import Base
 from tests.helpers import REPO_ROOT, cli_env, write_settings
+from tests.integration.conftest import World
 
 STATE_TABLES = {
     "alembic_version",
@@ -108,3 +111,48 @@ def test_alembic_upgrade_head_from_the_repo_root(tmp_path: Path, state_url: str)
     url = make_url(state_url)
     assert tables_and_version(url) == (STATE_TABLES, head())
     assert schema_diff(url) == []
+
+
+def test_history_rows_name_runs_of_their_own_audience_and_survive_migration_0005(
+    world: World,
+) -> None:
+    w = world
+    w.set_users([f"u{i}" for i in range(10)])
+    pro, trial = w.create("Pro Users"), w.create("Trial Users")
+    w.sync(pro.key)
+    w.set_users([f"u{i}" for i in range(1, 12)])
+    pro_run = w.sync(pro.key).run_id
+    trial_run = w.sync(trial.key).run_id
+    history = (
+        "SELECT audience_id, user_id, entered_run_id, exited_run_id FROM memberships"
+        " ORDER BY audience_id, user_id",
+        "SELECT id, run_id, audience_id, user_id, trait_value, status FROM deliveries ORDER BY id",
+    )
+    before = [w.rows(query) for query in history]
+    assert len(before[0]) == 10 + 2 + 11 and len(before[1]) == 2 * (10 + 3 + 11)
+
+    url = w.settings.database.url
+    w.state.dispose()
+    syncer.db.downgrade(url, "0004")
+    syncer.db.upgrade(url)
+
+    assert schema_diff(url) == []
+    assert [w.rows(query) for query in history] == before
+    if url.get_backend_name() == "sqlite":  # rebuilt by the migration, still keyed by its rows
+        assert (
+            w.scalar("SELECT sql FROM sqlite_master WHERE name = 'memberships'")
+            .rstrip("\n ;")
+            .endswith("WITHOUT ROWID")
+        )
+    # A hand-made row naming another audience's run is refused; with its own audience's, kept.
+    refused = (
+        "INSERT INTO memberships (audience_id, user_id, entered_run_id) VALUES (:a, 'x', :r)",
+        "INSERT INTO deliveries (run_id, audience_id, destination_id, user_id, kind, status,"
+        " attempts, created_at, owed_since, next_attempt_at) SELECT :r, :a, id, 'x',"
+        " 'identify', 'sent', 1, first_seen_at, first_seen_at, first_seen_at FROM destinations",
+    )
+    for statement in refused:
+        with pytest.raises(IntegrityError), w.state.begin() as conn:
+            conn.execute(text(statement), {"a": pro.id, "r": trial_run})
+        with w.state.begin() as conn:
+            conn.execute(text(statement), {"a": pro.id, "r": pro_run})
