@@ -10,8 +10,9 @@ checked, through the run's own key to ``audiences``, and a row can no longer nam
 another audience. Measured on PostgreSQL, 200,000 rows inserted: 0.7-1.0 s with no key,
 2.6-3.9 s with two, 1.7-1.8 s with the composite one.
 
-On SQLite the two tables are rebuilt (a foreign key cannot be altered there); MySQL adds an
-index of its own for each new key.
+Upgrading reads every existing row of both tables once: PostgreSQL and MySQL check the new
+keys against them, SQLite rebuilds the two tables (a foreign key cannot be altered there).
+MySQL adds an index of its own for each new key.
 
 Revision ID: 0005
 Revises: 0004
