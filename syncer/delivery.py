@@ -46,6 +46,7 @@ from syncer.models import (
     DELIVERY_PAGES,
     DELIVERY_PENDING,
     DELIVERY_SENT,
+    MYSQL,
     Destination,
     owed,
 )
@@ -395,7 +396,7 @@ def cut_pages(
     with write_transaction(engine) as conn:
         conn.execute(delete(P).where(_pages_of(audience_id, destination_ids)))
         # Integer division of the row number: ``/`` on SQLite and PostgreSQL, ``DIV`` on MySQL.
-        divide = "DIV" if conn.dialect.name in ("mysql", "mariadb") else "/"
+        divide = "DIV" if conn.dialect.name in MYSQL else "/"
         number = func.row_number().over(order_by=D.c.id) - 1
         for destination_id in destination_ids:
             rows = select(D.c.id, number.self_group().op(divide)(size).label("page")).where(

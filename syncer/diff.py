@@ -55,6 +55,7 @@ from syncer.models import (
     DELIVERY_SUPERSEDED,
     KIND_IDENTIFY,
     MEMBERSHIPS,
+    MYSQL,
     USER_ID_LENGTH,
     AudienceDestination,
     SyncRun,
@@ -300,7 +301,7 @@ def _driver_cursor(src: Connection, query: Select[Any]) -> Iterator[Any]:
     # many rows each round trip brings.
     if src.dialect.name == "postgresql":
         cursor = raw.cursor(name="syncer_source")
-    elif src.dialect.name in ("mysql", "mariadb"):
+    elif src.dialect.name in MYSQL:
         cursor = raw.cursor(src.dialect.loaded_dbapi.cursors.SSCursor)
     else:
         cursor = raw.cursor()

@@ -61,6 +61,7 @@ DELIVERY_STATUSES = (
     DELIVERY_CANCELLED,
 )
 KIND_IDENTIFY, KIND_DELETE = "identify", "delete"
+MYSQL = ("mysql", "mariadb")  # the dialect names of MySQL and MariaDB
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -70,7 +71,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name in ("mysql", "mariadb"):
+        if dialect.name in MYSQL:
             return dialect.type_descriptor(mysql.DATETIME(fsp=6))
         return dialect.type_descriptor(DateTime(timezone=True))
 
@@ -91,12 +92,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def exact_string(length: int) -> String:
     """Text compared byte for byte everywhere (MySQL's default collation ignores case)."""
-    return String(length).with_variant(
-        mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql", "mariadb"
-    )
-
-
-MYSQL = ("mysql", "mariadb")
+    return String(length).with_variant(mysql.VARCHAR(length, collation="utf8mb4_bin"), *MYSQL)
 
 
 def only_on(index: Index, *dialects: str) -> Index:
