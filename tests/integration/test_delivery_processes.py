@@ -62,7 +62,12 @@ def test_a_shutdown_stops_the_helpers_and_what_they_held_is_sent_next_time(
     w.rx.clear_records()
     second = w.sync(KEY)
     assert second.status == "succeeded"
-    assert sorted(r.user_id for r in w.rx.accepted("w1")) == USERS
+    assert second.sent == len(USERS)
+    accepted = [r.user_id for r in w.rx.accepted("w1")]
+    assert sorted(set(accepted)) == USERS
+    # At least once: a call the first pass gave up on can still reach the receiver after its
+    # status was lifted, and count as accepted. No more than the first pass had in flight.
+    assert len(accepted) - len(USERS) <= 2 * 2, Counter(accepted).most_common(5)
 
 
 def test_what_is_owed_is_cut_into_pages_of_500_that_cover_every_row_once(world: World) -> None:
