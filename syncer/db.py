@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -186,13 +187,23 @@ def _sqlite_writer(engine: Engine) -> threading.RLock:
 
 
 @contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A transaction that takes SQLite's write lock up front (no upgrade deadlocks)."""
+def write_transaction(engine: Engine, held: Connection | None = None) -> Iterator[Connection]:
+    """A transaction that takes SQLite's write lock up front (no upgrade deadlocks).
+
+    ``held``: a connection of ``engine`` the caller keeps open across many short transactions,
+    instead of taking one from the pool (and pinging the server) for each."""
     if engine.dialect.name != "sqlite":
-        with engine.begin() as conn:
-            yield conn
+        if held is None:
+            with engine.begin() as conn:
+                yield conn
+        else:
+            with held.begin():
+                yield held
         return
-    with _sqlite_writer(engine), engine.connect() as conn:
+    with (
+        _sqlite_writer(engine),
+        contextlib.nullcontext(held) if held is not None else engine.connect() as conn,
+    ):
         conn.execution_options(sqlite_begin="IMMEDIATE")
         with conn.begin():
             yield conn

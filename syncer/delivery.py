@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import random
@@ -20,12 +21,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
+from typing import NamedTuple
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
+    Connection,
     Engine,
     Integer,
+    String,
     and_,
+    any_,
     delete,
     exists,
     func,
@@ -34,6 +40,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql
 
 from syncer import workers
 from syncer.db import write_transaction
@@ -114,9 +121,8 @@ class Audience:
     key: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class Outcome:
-    """What became of one delivery row in this pass."""
+class Outcome(NamedTuple):
+    """What became of one delivery row in this pass (a tuple: one is made for every call)."""
 
     delivery_id: int
     status: str
@@ -139,13 +145,14 @@ class DeliveryTotals:
         return self.failed + self.retry_later
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Pending:
+class _Pending(NamedTuple):
+    """An owed row as a page read it (a tuple: one is made for every call)."""
+
     id: int
     run_id: int | None
     deletion_id: int | None
     user_id: str
-    value: bool
+    value: bool | None  # None on a user deletion
     created_at: datetime
     owed_since: datetime
     attempts: int
@@ -175,6 +182,8 @@ class _Recorder:
     _written: asyncio.Condition = field(default_factory=asyncio.Condition)
     _closing: bool = False
     _error: BaseException | None = None
+    # The recorder's own connection, held for the pass: a batch is one short transaction.
+    _conn: Connection | None = None
 
     async def expose(self, limit: int) -> None:
         """Wait until another call may start without more than ``limit`` exposed calls."""
@@ -220,6 +229,9 @@ class _Recorder:
             async with self._written:
                 self._written.notify_all()
             raise
+        finally:
+            if self._conn is not None:
+                await asyncio.to_thread(self._conn.close)
 
     async def close(self) -> None:
         self._closing = True
@@ -237,7 +249,9 @@ class _Recorder:
             return (o.status, o.attempts, o.status_code or 0, o.error or "")
 
         now = datetime.now(UTC)
-        with write_transaction(self.engine) as conn:
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        with write_transaction(self.engine, self._conn) as conn:
             for (status, attempts, _code, _error), group in groupby(
                 sorted(outcomes, key=key), key=key
             ):
@@ -260,13 +274,25 @@ class _Recorder:
                     conn.execute(
                         update(D)
                         .where(
-                            D.c.id.in_(ids[start : start + UPDATE_CHUNK]),
+                            id_among(conn.dialect.name, D.c.id, ids[start : start + UPDATE_CHUNK]),
                             # Not ``status = 'pending'``: that lets the planner walk the status
                             # index over every owed row instead of looking up these ids.
                             func.coalesce(D.c.status, "") == DELIVERY_PENDING,
                         )
                         .values(values)
                     )
+
+
+def id_among(dialect: str, column: ColumnElement[int], ids: Sequence[int]) -> ColumnElement[bool]:
+    """``column IN ids`` as one bound value where the database can take a list whole (an array
+    on PostgreSQL, a JSON text on SQLite): the statement's text stays the same whatever the
+    number of ids, so the driver and the database reuse its parsed form."""
+    if dialect == "postgresql":
+        return column == any_(literal(list(ids), postgresql.ARRAY(BigInteger())))
+    if dialect == "sqlite":
+        listed = func.json_each(literal(json.dumps(list(ids)), String())).table_valued("value")
+        return column.in_(select(listed.c.value))
+    return column.in_(ids)
 
 
 def expire_overdue(
@@ -486,20 +512,7 @@ def _claim_page(
         )
         if due is not None:
             query = query.where(D.c.next_attempt_at <= due)
-        rows = conn.execute(query).all()
-    return [
-        _Pending(
-            id=r.id,
-            run_id=r.run_id,
-            deletion_id=r.deletion_id,
-            user_id=r.user_id,
-            value=bool(r.trait_value),
-            created_at=r.created_at,
-            owed_since=r.owed_since,
-            attempts=r.attempts,
-        )
-        for r in rows
-    ]
+        return list(map(_Pending._make, conn.execute(query)))
 
 
 def backoff_seconds(attempt: int, tray: TraySettings, retry_after: float | None) -> float:
@@ -604,7 +617,7 @@ def _body(bodies: IdentifyBodies | None, row: _Pending) -> bytes:
             message_id=delete_message_id(row.deletion_id),
             timestamp=row.created_at,
         )
-    assert row.run_id is not None
+    assert row.run_id is not None and row.value is not None
     return bodies.body(
         user_id=row.user_id,
         value=row.value,

@@ -81,7 +81,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
         value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name in ("sqlite", "mysql") else value
+        return value.replace(tzinfo=None) if dialect.name in ("sqlite", *MYSQL) else value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
