@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +44,7 @@ from bench import data
 from bench.databases import Database, Databases
 from bench.processes import ReceiverProcess
 from bench.timing import Samples, profile_to, statement_log
-from syncer import audiences, db, loops, sync
+from syncer import audiences, db, loops, sync, workers
 from syncer.delivery import Audience, Target, deliver_audience, register_destinations
 from syncer.models import RUN_SUCCEEDED
 from syncer.settings import DEFAULT_MAX_CONCURRENCY, TraySettings, parse_settings
@@ -309,13 +310,57 @@ def _timed(receiver: ReceiverProcess, rate: Rate, fn: Callable[[], float | None]
     return seconds
 
 
-# [tray] delivery_processes measured: one process, and two sharing the pass (2 cores here).
-PROCESSES = (1, 2)
+# How syncer is measured: [tray] delivery_processes (one process, and two sharing the pass: 2
+# cores here), and whether the helper starts with the pass (``syncer sync``, and the first
+# pass of ``syncer serve``) or is already waiting warm (``serve``'s later passes).
+PROCESSES: tuple[tuple[int, bool], ...] = ((1, False), (2, False), (2, True))
+WARM_READY_SECONDS = 30.0
 
 
-def variant(outbox: Outbox, processes: int) -> str:
+def variant(outbox: Outbox, processes: int, warm: bool = False) -> str:
     kind = outbox.database.kind
-    return kind if processes == 1 else f"{kind}, {processes} processes"
+    if processes == 1:
+        return kind
+    return f"{kind}, {processes} processes" + (", warm helper" if warm else "")
+
+
+def _waiting_helpers() -> list[int]:
+    """Pids of this process's helpers that wait for a plan (``syncer.workers`` children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            text_ = stat.read_text()
+            if int(text_[text_.rindex(")") + 2 :].split()[1]) != os.getpid():
+                continue
+            if b"syncer.workers" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def warm_helpers(outbox: Outbox, count: int) -> Iterator[None]:
+    """Helpers kept warm, as ``syncer serve`` keeps them; on entry ``count`` of them are
+    started and have loaded their libraries (their CPU time stopped growing)."""
+    workers.keep_warm()
+    try:
+        workers.replenish(outbox.engine.url.drivername, count)
+        deadline = time.monotonic() + WARM_READY_SECONDS
+        while time.monotonic() < deadline:
+            pids = _waiting_helpers()
+            before = [_cpu_seconds(pid) for pid in pids]
+            time.sleep(0.3)
+            if len(pids) == count and [_cpu_seconds(pid) for pid in pids] == before:
+                break
+        else:
+            raise RuntimeError(f"no warm helper ready after {WARM_READY_SECONDS:.0f} s")
+        yield
+    finally:
+        workers.keep_warm(False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,18 +401,23 @@ def measure(
         outboxes = [prepare(dbs, kind, calls, url) for kind in kinds]
         try:
             bodies = bodies_of(outboxes[0])
-            syncer_rates = {variant(o, n): Rate(calls=calls) for o in outboxes for n in PROCESSES}
+            syncer_rates = {
+                variant(o, n, warm): Rate(calls=calls) for o in outboxes for n, warm in PROCESSES
+            }
             raw_rates = {
                 name: Rate(calls=min(calls, HTTPX_DEFAULT_MAX_CALLS) if name == "httpx" else calls)
                 for name in RAW_CLIENTS
             }
             for rep in range(reps):
                 for outbox in outboxes:
-                    for n in PROCESSES:
-                        rate = syncer_rates[variant(outbox, n)]
-                        seconds = _timed(receiver, rate, functools.partial(run_syncer, outbox, n))
+                    for n, warm in PROCESSES:
+                        rate = syncer_rates[variant(outbox, n, warm)]
+                        with warm_helpers(outbox, n - 1) if warm else contextlib.nullcontext():
+                            seconds = _timed(
+                                receiver, rate, functools.partial(run_syncer, outbox, n)
+                            )
                         say(
-                            f"    delivery rep {rep + 1} syncer/{variant(outbox, n):24} "
+                            f"    delivery rep {rep + 1} syncer/{variant(outbox, n, warm):36} "
                             f"{calls / seconds:8.0f} calls/s"
                         )
                 for name in RAW_CLIENTS:

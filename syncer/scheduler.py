@@ -34,7 +34,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine, func, select
 
-from syncer import jobs, leases
+from syncer import jobs, leases, workers
 from syncer.models import AUDIENCE_ACTIVE, AUDIENCES, SyncRun
 from syncer.settings import Settings
 
@@ -249,4 +249,9 @@ class Service:
 
 
 def serve(settings: Settings, state: Engine) -> int:
-    return Service(settings, state).run()
+    # Delivery passes come again and again: their helper processes are kept warm between them.
+    workers.keep_warm()
+    try:
+        return Service(settings, state).run()
+    finally:
+        workers.keep_warm(False)

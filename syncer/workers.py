@@ -11,11 +11,18 @@ A helper lives no longer than its pass and its parent: the kernel kills it when 
 (``PR_SET_PDEATHSIG`` on Linux), so a ``kill -9`` of syncer leaves no helper sending behind
 the next lease holder's back; and it starts no new call once its stdin closes (the parent's
 shutdown). It reports progress and its totals as JSON lines on stdout.
+
+A helper's start-up is mostly importing its libraries (about a second of CPU). A process that
+delivers again and again (``syncer serve``) keeps helpers warm: once a pass with helpers ends,
+as many new ones are started, load their libraries and wait, idle, for the next pass's plan
+(``keep_warm``). A waiting helper has no plan and claims nothing; it ends when its stdin
+closes, and with its parent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import dataclasses
@@ -24,6 +31,7 @@ import logging
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -44,8 +52,74 @@ PR_SET_PDEATHSIG = 1
 STOP_POLL_SECONDS = 0.1
 
 
+# Helpers started ahead, waiting for a plan, with the database driver each has loaded.
+_warm: list[tuple[str, subprocess.Popen[bytes]]] = []
+_warm_lock = threading.Lock()
+_keeping_warm = False
+
+
+def _spawn(driver: str) -> subprocess.Popen[bytes]:
+    """A helper for a state database of ``driver`` (``postgresql+psycopg``: no secret in it)."""
+    return subprocess.Popen(
+        # -P: not the cwd first on the path: the parent's syncer (_env), always
+        [sys.executable, "-P", "-m", "syncer.workers", str(os.getpid()), driver],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=_env(),
+    )
+
+
+def keep_warm(on: bool = True) -> None:
+    """From now on (``on``), replace the helpers of each pass with warm ones for the next;
+    with ``on`` False, end the warm helpers there are."""
+    global _keeping_warm
+    with _warm_lock:
+        _keeping_warm = on
+        idle = [] if on else [process for _driver, process in _warm]
+        if not on:
+            _warm.clear()
+    _end(idle)
+
+
+def replenish(driver: str, count: int) -> None:
+    """Have ``count`` warm helpers for ``driver`` waiting, when keeping helpers warm."""
+    with _warm_lock:
+        if not _keeping_warm:
+            return
+        _warm[:] = [(d, p) for d, p in _warm if d == driver and p.poll() is None]
+        while len(_warm) < count:
+            _warm.append((driver, _spawn(driver)))
+
+
+def _take(driver: str) -> subprocess.Popen[bytes]:
+    """A warm helper for ``driver`` if one is waiting, else a new one."""
+    with _warm_lock:
+        while _warm:
+            loaded, process = _warm.pop(0)
+            if loaded == driver and process.poll() is None:
+                return process
+            _end([process])
+    return _spawn(driver)
+
+
+def _end(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    """End helpers that wait for a plan: they hold nothing, so a kill is safe."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    for process in processes:
+        process.wait()
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+atexit.register(keep_warm, False)
+
+
 class Helpers:
-    """The helper processes of one pass, started on entry, killed on an error."""
+    """The helper processes of one pass, started (or taken warm) on entry, killed on an
+    error."""
 
     def __init__(
         self,
@@ -59,27 +133,22 @@ class Helpers:
         self._plans = plans
         self._report = report
         self._stop = stop
-        self._processes: list[asyncio.subprocess.Process] = []
+        self._processes: list[subprocess.Popen[bytes]] = []
         self._readers: list[asyncio.Task[DeliveryTotals]] = []
         self._watcher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Helpers:
+        url = self._url.render_as_string(hide_password=False)
         try:
             for n, plan in enumerate(self._plans, start=1):
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-P",  # not the cwd first on the path: the parent's syncer (_env), always
-                    "-m",
-                    "syncer.workers",
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    env=_env(),
-                )
+                message = pickle.dumps((url, plan, logs.configured))
+                process = _take(self._url.drivername)
                 self._processes.append(process)
-                assert process.stdin is not None
-                url = self._url.render_as_string(hide_password=False)
-                process.stdin.write(pickle.dumps((os.getpid(), url, plan, logs.configured)))
-                await process.stdin.drain()
+                try:
+                    _hand(process, message)
+                except OSError:  # a warm helper that died while it waited: start a new one
+                    process = self._processes[-1] = _spawn(self._url.drivername)
+                    _hand(process, message)
                 self._readers.append(asyncio.create_task(self._read(n, process)))
         except BaseException:
             await self._kill()
@@ -95,20 +164,29 @@ class Helpers:
             if process.stdin is not None:
                 process.stdin.close()
 
-    async def _read(self, n: int, process: asyncio.subprocess.Process) -> DeliveryTotals:
+    async def _read(self, n: int, process: subprocess.Popen[bytes]) -> DeliveryTotals:
         from syncer.delivery import DeliveryTotals
 
         update = self._report(n)
         # What the helper has recorded so far; its last line is its final totals.
         recorded = DeliveryTotals()
         assert process.stdout is not None
-        async for line in process.stdout:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                message = json.loads(line)
-                recorded = DeliveryTotals(sent=int(message["sent"]), failed=int(message["failed"]))
-                if "done" in message:
-                    update(int(message["done"]), recorded)
-        code = await process.wait()
+        lines = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(lines), process.stdout
+        )
+        try:
+            async for line in lines:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    message = json.loads(line)
+                    recorded = DeliveryTotals(
+                        sent=int(message["sent"]), failed=int(message["failed"])
+                    )
+                    if "done" in message:
+                        update(int(message["done"]), recorded)
+        finally:
+            transport.close()
+        code = await asyncio.to_thread(process.wait)
         if code != 0:
             # What it claimed and did not record stays owed: the pass's pages are dropped at
             # its end, and the next pass sends it. What it recorded is counted.
@@ -121,11 +199,11 @@ class Helpers:
 
     async def _kill(self) -> None:
         for process in self._processes:
-            if process.returncode is None:
+            if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
         for process in self._processes:
-            await process.wait()
+            await asyncio.to_thread(process.wait)
 
     async def __aexit__(
         self,
@@ -145,6 +223,17 @@ class Helpers:
                 reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+        for process in self._processes:
+            if process.stdout is not None:
+                process.stdout.close()  # already closed unless its reader never started
+        replenish(self._url.drivername, len(self._processes))
+
+
+def _hand(process: subprocess.Popen[bytes], message: bytes) -> None:
+    """Give a helper its pass (the pickled plan: a few hundred bytes, the pipe takes it whole)."""
+    assert process.stdin is not None
+    process.stdin.write(message)
+    process.stdin.flush()
 
 
 def _env() -> dict[str, str] | None:
@@ -167,8 +256,22 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main() -> None:
-    parent, url, plan, log_config = pickle.load(sys.stdin.buffer)
-    _die_with_parent(parent)
+    if len(sys.argv) != 3 or not sys.argv[1].isdigit():
+        print("syncer.workers is started by syncer itself, not by hand", file=sys.stderr)
+        sys.exit(2)
+    _die_with_parent(int(sys.argv[1]))
+    # The pass's libraries and database driver, loaded before its plan arrives: a warm helper
+    # has them ready.
+    from sqlalchemy import make_url
+
+    from syncer import db, delivery  # noqa: F401
+
+    with contextlib.suppress(Exception):  # a driver that fails to load fails with the plan
+        make_url(f"{sys.argv[2]}://").get_dialect().import_dbapi()
+    try:
+        url, plan, log_config = pickle.load(sys.stdin.buffer)
+    except EOFError:
+        return  # the parent had no pass for this helper before it ended or let it go
     if log_config is not None:
         logs.configure(*log_config)
     stop = threading.Event()
@@ -187,6 +290,10 @@ def main() -> None:
         print(f"syncer delivery helper: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(1)
     print(json.dumps({"sent": totals.sent, "failed": totals.failed}), flush=True)
+    # Done: its calls are answered and recorded, its connections closed. No interpreter
+    # teardown (a tenth of a second or more) between the parent and the end of its pass.
+    logging.shutdown()
+    os._exit(0)
 
 
 async def _run(url: str, plan: PassPlan, stop: threading.Event) -> DeliveryTotals:

@@ -225,3 +225,27 @@ def start_cli(
     process.stdout_path = stdout_path
     process.stderr_path = stderr_path
     return process
+
+
+# processes, from /proc -------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text_ = stat.read_text()
+        except OSError:
+            continue
+        if int(text_[text_.rindex(")") + 2 :].split()[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return state[state.rindex(")") + 2] == "Z"  # a zombie sends nothing

@@ -29,7 +29,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from tests.e2e.conftest import Project
-from tests.helpers import TEST_SECRET, start_cli
+from tests.helpers import TEST_SECRET, children, gone, start_cli
 from tests.receiver import ReceiverProcess
 
 USERS = [f"user-{i:05d}" for i in range(3000)]
@@ -58,27 +58,6 @@ BEFORE_COMMIT = KillPoint(sql=SLOW_SQL, after_received=None)
 EARLY_DELIVERY = KillPoint(sql=FAST_SQL, after_received=150)
 MID_DELIVERY = KillPoint(sql=FAST_SQL, after_received=1200)
 MID_DELIVERY_TWO_PROCESSES = KillPoint(sql=FAST_SQL, after_received=1200, processes=2)
-
-
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text_ = stat.read_text()
-        except OSError:
-            continue
-        if int(text_[text_.rindex(")") + 2 :].split()[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return state[state.rindex(")") + 2] == "Z"  # a zombie sends nothing
 
 
 def _wait_until(condition: Callable[[], bool], process: Any, what: str, timeout: float) -> None:
@@ -164,14 +143,14 @@ def test_kill_9_loses_nothing(
                     _wait_until(
                         lambda: len(rx.records()) >= wanted, syncer, f"{wanted} requests", 60
                     )
-                helpers = _children(syncer.pid)
+                helpers = children(syncer.pid)
                 assert len(helpers) == point.processes - 1, helpers
                 syncer.send_signal(signal.SIGKILL)
                 assert syncer.wait(timeout=10) == -signal.SIGKILL
                 deadline = time.monotonic() + 5
-                while not all(_gone(pid) for pid in helpers) and time.monotonic() < deadline:
+                while not all(gone(pid) for pid in helpers) and time.monotonic() < deadline:
                     time.sleep(0.02)
-                assert all(_gone(pid) for pid in helpers), "a delivery helper outlived syncer"
+                assert all(gone(pid) for pid in helpers), "a delivery helper outlived syncer"
             received_before_kill = len(rx.records())
 
             [killed] = _runs(state)

@@ -7,6 +7,7 @@ something does *not* happen (no run of a paused audience) and the downtime of th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from sqlalchemy import Engine, create_engine, text
 from tests.helpers import (
     TEST_SECRET,
     CliProcess,
+    children,
+    gone,
     run_cli,
     set_warehouse_users,
     start_cli,
@@ -275,6 +278,64 @@ def test_serve_runs_audiences_and_follows_cli_changes(
     assert all(r.signature_ok for r in rx.requests())
     assert not site.running()
     assert "Traceback" not in serve.read_stderr()
+
+
+def _helpers_of(pid: int) -> list[int]:
+    """The delivery helper processes (``python -m syncer.workers``) whose parent is ``pid``."""
+    found = []
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            if b"syncer.workers" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+    return found
+
+
+def test_serve_keeps_a_helper_warm_for_the_next_pass_and_it_dies_with_serve(
+    make_site: SiteFactory, sqlite_url: str, receiver: Receiver
+) -> None:
+    """After a pass with a helper, serve starts the next pass's helper at once; it waits with
+    its libraries loaded, the next large pass hands it its plan, and a ``kill -9`` of serve
+    takes it down too."""
+    rx = receiver
+    # 2,400 users each time: enough for a pass to use a helper (2,000 rows owed or more)
+    first = [f"user-{i:05d}" for i in range(2400)]
+    more = first + [f"user-{i:05d}" for i in range(2400, 4800)]
+    key = "warm_helpers"
+    site = make_site(
+        sqlite_url,
+        first,
+        workflow_urls=[rx.url("w1")],
+        tray={"max_concurrency": 8, "delivery_processes": 2},
+    )
+    assert site.create("Warm Helpers", SQL, "2s") == key
+    serve = site.serve()
+    wait_until(
+        lambda: traits_of(rx, key) == dict.fromkeys(first, True), "the initial sync", 60, serve
+    )
+    # The initial pass's helper is gone; one for the next pass waits in its place.
+    [warm] = wait_until(lambda: _helpers_of(serve.pid), "a warm helper", 30, serve)
+    holds_for(lambda: _helpers_of(serve.pid) == [warm], "the warm helper waits, alone", 2.5)
+
+    site.set_users(more)
+    wait_until(
+        lambda: traits_of(rx, key) == dict.fromkeys(more, True), "the second sync", 60, serve
+    )
+    # The warm helper sent part of the second pass: its pid is in the rows it sent.
+    with site.state.connect() as conn:
+        sent_by = conn.execute(
+            text("SELECT claimed_by FROM deliveries WHERE user_id >= 'user-02400'")
+        ).scalars()
+        claimers = Counter(claimer.rsplit(":", 2)[1] for claimer in sent_by)
+    assert str(warm) in claimers, claimers
+    assert len(claimers) == 2, claimers
+    assert_each_change_sent_once(rx, key)
+
+    # kill -9: serve's helpers, the waiting one included, do not outlive it.
+    helpers = wait_until(lambda: _helpers_of(serve.pid), "the next warm helper", 30, serve)
+    assert warm not in helpers
+    serve.send_signal(signal.SIGKILL)
+    assert serve.wait(timeout=10) == -signal.SIGKILL
+    wait_until(lambda: all(gone(pid) for pid in helpers), "the helpers gone with serve", 5)
 
 
 # -- 2. SIGTERM ------------------------------------------------------------------------------
