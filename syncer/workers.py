@@ -3,11 +3,11 @@
 With ``[tray] delivery_processes = N`` the process that holds an audience's lease starts N-1
 helpers for each delivery pass. Every process claims pages of the owed rows for itself
 (``delivery_pages``, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, see ``delivery._claim_page``) and
-sends them with its
-share of ``max_concurrency``, so no row is sent by two processes, and together they use more
-than the one core a Python process can.
+sends them with its share of ``max_concurrency``, so no row is sent by two processes, and
+together they use more than the one core a Python process can.
 
-A helper lives no longer than its pass and its parent: the kernel kills it when the parent dies
+A helper given a pass lives no longer than that pass and its parent: the kernel kills it when
+the parent dies
 (``PR_SET_PDEATHSIG`` on Linux), so a ``kill -9`` of syncer leaves no helper sending behind
 the next lease holder's back; and it starts no new call once its stdin closes (the parent's
 shutdown). It reports progress and its totals as JSON lines on stdout.
@@ -226,7 +226,8 @@ class Helpers:
         for process in self._processes:
             if process.stdout is not None:
                 process.stdout.close()  # already closed unless its reader never started
-        replenish(self._url.drivername, len(self._processes))
+        if exc is None and not (self._stop is not None and self._stop.is_set()):
+            replenish(self._url.drivername, len(self._processes))
 
 
 def _hand(process: subprocess.Popen[bytes], message: bytes) -> None:
