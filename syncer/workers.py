@@ -7,10 +7,9 @@ sends them with its share of ``max_concurrency``, so no row is sent by two proce
 together they use more than the one core a Python process can.
 
 A helper given a pass lives no longer than that pass and its parent: the kernel kills it when
-the parent dies
-(``PR_SET_PDEATHSIG`` on Linux), so a ``kill -9`` of syncer leaves no helper sending behind
-the next lease holder's back; and it starts no new call once its stdin closes (the parent's
-shutdown). It reports progress and its totals as JSON lines on stdout.
+the parent dies (``PR_SET_PDEATHSIG`` on Linux), so a ``kill -9`` of syncer leaves no helper
+sending behind the next lease holder's back; and it starts no new call once its stdin closes
+(the parent's shutdown). It reports progress and its totals as JSON lines on stdout.
 
 A helper's start-up is mostly importing its libraries (about a second of CPU). A process that
 delivers again and again (``syncer serve``) keeps helpers warm: once a pass with helpers ends,
