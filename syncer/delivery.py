@@ -77,6 +77,9 @@ TRIES_PER_PASS = 3
 MAX_PASS_DELAY_SECONDS = 3600.0
 STOP_POLL_SECONDS = 0.1
 UPDATE_CHUNK = 500
+# Free pages a claim on MySQL/MariaDB reads at once: more than the processes that can take
+# one of them in the meantime (at most MAX_DELIVERY_PROCESSES).
+MYSQL_PAGES_LOOKED_AT = 64
 BATCH_WAIT_SECONDS = 0.05
 # Calls started but not yet recorded, in rounds of max_concurrency: the calls in flight, the
 # answers being committed and those waiting for the next commit. With two rounds, senders
@@ -468,51 +471,68 @@ def _claim_page(
     """Claim the next unclaimed page of this URL and read its rows still owed, in id order;
     None when every page is taken.
 
-    ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (and MySQL/MariaDB): processes claiming at the
-    same moment get different pages instead of waiting for each other. SQLite has a single
-    writer, so there the claims simply take turns."""
+    ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: processes claiming at the same moment get
+    different pages instead of waiting for each other. SQLite has a single writer, so there the
+    claims simply take turns. MySQL/MariaDB: see ``_take_free_page``."""
     free = (
         select(P.c.id)
         .where(_pages_of(audience_id, [destination_id]), P.c.claimed_by.is_(None))
         .order_by(P.c.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
     )
-    with write_transaction(engine) as conn:
-        if conn.dialect.name in ("postgresql", "sqlite"):
-            page = conn.execute(
-                update(P)
-                .where(P.c.id == free.scalar_subquery())
-                .values(claimed_by=claimer)
-                .returning(P.c.first_id, P.c.last_id)
-            ).first()
-        else:  # MySQL/MariaDB have no UPDATE ... RETURNING
-            page_id = conn.execute(free).scalar()
-            page = None
-            if page_id is not None:
-                conn.execute(update(P).where(P.c.id == page_id).values(claimed_by=claimer))
+    while True:
+        with write_transaction(engine) as conn:
+            if conn.dialect.name in MYSQL:
+                candidates = conn.execute(free.limit(MYSQL_PAGES_LOOKED_AT)).scalars().all()
+                page = next(
+                    (got for i in candidates if (got := _take_free_page(conn, i, claimer))), None
+                )
+                if page is None and len(candidates) == MYSQL_PAGES_LOOKED_AT:
+                    continue  # all taken since this transaction's snapshot: look again
+            else:
                 page = conn.execute(
-                    select(P.c.first_id, P.c.last_id).where(P.c.id == page_id)
+                    update(P)
+                    .where(
+                        P.c.id == free.limit(1).with_for_update(skip_locked=True).scalar_subquery()
+                    )
+                    .values(claimed_by=claimer)
+                    .returning(P.c.first_id, P.c.last_id)
                 ).first()
-        if page is None:
-            return None
-        query = (
-            select(
-                D.c.id,
-                D.c.run_id,
-                D.c.deletion_id,
-                D.c.user_id,
-                D.c.trait_value,
-                D.c.created_at,
-                D.c.owed_since,
-                D.c.attempts,
+            if page is None:
+                return None
+            query = (
+                select(
+                    D.c.id,
+                    D.c.run_id,
+                    D.c.deletion_id,
+                    D.c.user_id,
+                    D.c.trait_value,
+                    D.c.created_at,
+                    D.c.owed_since,
+                    D.c.attempts,
+                )
+                .where(owed(audience_id, [destination_id]), D.c.id.between(page[0], page[1]))
+                .order_by(D.c.id)
             )
-            .where(owed(audience_id, [destination_id]), D.c.id.between(page[0], page[1]))
-            .order_by(D.c.id)
-        )
-        if due is not None:
-            query = query.where(D.c.next_attempt_at <= due)
-        return list(map(_Pending._make, conn.execute(query)))
+            if due is not None:
+                query = query.where(D.c.next_attempt_at <= due)
+            return list(map(_Pending._make, conn.execute(query)))
+
+
+def _take_free_page(conn: Connection, page_id: int, claimer: str) -> tuple[int, int] | None:
+    """Claim page ``page_id`` if it is still free; its (first_id, last_id) if this did.
+
+    On MySQL/MariaDB, whose InnoDB takes a lock on every row a ``FOR UPDATE`` reads on its way,
+    other URLs' pages too: with ``SKIP LOCKED`` a claim skipped pages that another URL's claim
+    had only looked at, and its pass ended with pages unsent. So the free pages are read
+    without locks, and each is taken by its id only while still unclaimed (an update locks
+    that row alone, and reads its latest claim)."""
+    taken = conn.execute(
+        update(P).where(P.c.id == page_id, P.c.claimed_by.is_(None)).values(claimed_by=claimer)
+    ).rowcount
+    if not taken:
+        return None
+    first, last = conn.execute(select(P.c.first_id, P.c.last_id).where(P.c.id == page_id)).one()
+    return first, last
 
 
 def backoff_seconds(attempt: int, tray: TraySettings, retry_after: float | None) -> float:

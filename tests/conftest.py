@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,15 +58,40 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{(tmp_path / 'state.db').resolve()}"
 
 
+# MariaDB/MySQL as a state database too, only when asked for: SYNCER_TEST_MARIADB=1 (root with
+# no password on 127.0.0.1:3306, allowed to create databases).
+MARIADB_ADMIN = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+MARIADB_URL_TEMPLATE = "mariadb+pymysql://root@127.0.0.1:3306/{name}?charset=utf8mb4"
+WITH_MARIADB = os.environ.get("SYNCER_TEST_MARIADB") == "1"
+
+
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    """A fresh, empty MariaDB database for this test, dropped afterwards."""
+    import pymysql
+
+    name = f"{PG_DATABASE_PREFIX}{secrets.token_hex(6)}"
+    with pymysql.connect(**MARIADB_ADMIN, autocommit=True) as admin, admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    try:
+        yield MARIADB_URL_TEMPLATE.format(name=name)
+    finally:
+        with pymysql.connect(**MARIADB_ADMIN, autocommit=True) as admin, admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
 @pytest.fixture(
     params=[
         pytest.param("sqlite", id="sqlite"),
         pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+        *([pytest.param("mariadb", id="mariadb")] if WITH_MARIADB else []),
     ]
 )
 def state_url(request: pytest.FixtureRequest) -> str:
-    """The state database URL: the test runs once on SQLite and once on PostgreSQL."""
-    return str(request.getfixturevalue("pg_url" if request.param == "postgres" else "sqlite_url"))
+    """The state database URL: the test runs once on SQLite and once on PostgreSQL (and once on
+    MariaDB with SYNCER_TEST_MARIADB=1)."""
+    fixture = {"sqlite": "sqlite_url", "postgres": "pg_url", "mariadb": "mariadb_url"}
+    return str(request.getfixturevalue(fixture[request.param]))
 
 
 @pytest.fixture

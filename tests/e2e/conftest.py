@@ -36,9 +36,11 @@ def dump_database(url: str) -> Dump:
     try:
         with engine.connect() as conn:
             tables = sorted(inspect(conn).get_table_names())
+            quote = conn.dialect.identifier_preparer.quote
             return {
                 table: sorted(
-                    repr(tuple(row)) for row in conn.execute(text(f'SELECT * FROM "{table}"')).all()
+                    repr(tuple(row))
+                    for row in conn.execute(text(f"SELECT * FROM {quote(table)}")).all()
                 )
                 for table in tables
             }

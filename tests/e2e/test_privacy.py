@@ -427,7 +427,7 @@ def test_audience_delete_retires_the_key_and_cancels_what_is_owed(
     p.set_users([*USERS, "u6"])
     rx.set_status("w2", 503)
     p.cli("sync", KEY_A, check=1)
-    [(audience_id,)] = _query(p, "SELECT id FROM audiences WHERE key = :k", k=KEY_A)
+    [(audience_id,)] = _query(p, "SELECT a.id FROM audiences a WHERE a.key = :k", k=KEY_A)
     owed = _query(
         p,
         "SELECT id FROM deliveries WHERE audience_id = :a AND status = 'pending'",
@@ -444,7 +444,7 @@ def test_audience_delete_retires_the_key_and_cancels_what_is_owed(
     assert _query(p, "SELECT status, last_error FROM deliveries WHERE id = :i", i=owed[0][0]) == [
         ("cancelled", "the audience was deleted")
     ]
-    assert _query(p, "SELECT status FROM audiences WHERE key = :k", k=KEY_A) == [("deleted",)]
+    assert _query(p, "SELECT a.status FROM audiences a WHERE a.key = :k", k=KEY_A) == [("deleted",)]
 
     p.set_users([*USERS, "u6", "u0"])
     synced = p.cli("sync")
@@ -498,7 +498,7 @@ def test_audience_delete_unset_tells_every_member_false(
         "WHERE a.key = :k AND m.exited_run_id IS NULL",
         k=KEY_A,
     ) == [(0,)]
-    assert _query(p, "SELECT status FROM audiences WHERE key = :k", k=KEY_A) == [("deleted",)]
+    assert _query(p, "SELECT a.status FROM audiences a WHERE a.key = :k", k=KEY_A) == [("deleted",)]
     last = _history(p, KEY_A)[0]
     assert (last["status"], last["members"], last["removed"], last["sent"]) == (
         "succeeded",

@@ -30,7 +30,7 @@ SQL_THAT_FAILS = [
 
 
 def audience_rows(w: World) -> list[tuple[str, str]]:
-    return [tuple(r) for r in w.rows("SELECT key, status FROM audiences ORDER BY id")]
+    return [tuple(r) for r in w.rows("SELECT a.key, a.status FROM audiences a ORDER BY a.id")]
 
 
 def users_now(w: World) -> list[tuple[object, ...]]:
@@ -211,7 +211,7 @@ def test_update_changes_sql_and_schedule_but_never_the_key(world: World) -> None
         audiences.update_definition(w.state, w.settings, KEY)
     assert audiences.get(w.state, KEY).sql == updated.sql
     assert users_now(w) == [(u, f"{u}@example.com", "pro") for u in ("u1", "u2", "u3")]
-    assert [tuple(r) for r in w.rows("SELECT key, every_seconds, cron FROM audiences")] == [
+    assert [tuple(r) for r in w.rows("SELECT a.key, a.every_seconds, a.cron FROM audiences a")] == [
         (KEY, None, "0 */3 * * *")
     ]
 
