@@ -312,6 +312,7 @@ def test_serve_keeps_a_helper_warm_for_the_next_pass_and_it_dies_with_serve(
     wait_until(
         lambda: traits_of(rx, key) == dict.fromkeys(first, True), "the initial sync", 60, serve
     )
+    wait_until(lambda: site.runs(key)[0].status == "succeeded", "the initial run done", 30, serve)
     # The initial pass's helper is gone; one for the next pass waits in its place.
     [warm] = wait_until(lambda: _helpers_of(serve.pid), "a warm helper", 30, serve)
     holds_for(lambda: _helpers_of(serve.pid) == [warm], "the warm helper waits, alone", 2.5)
@@ -319,6 +320,12 @@ def test_serve_keeps_a_helper_warm_for_the_next_pass_and_it_dies_with_serve(
     site.set_users(more)
     wait_until(
         lambda: traits_of(rx, key) == dict.fromkeys(more, True), "the second sync", 60, serve
+    )
+    wait_until(
+        lambda: site.deliveries() == Counter({"sent": len(more)}),
+        "every outcome recorded",
+        30,
+        serve,
     )
     # The warm helper sent part of the second pass: its pid is in the rows it sent.
     with site.state.connect() as conn:
@@ -331,11 +338,15 @@ def test_serve_keeps_a_helper_warm_for_the_next_pass_and_it_dies_with_serve(
     assert_each_change_sent_once(rx, key)
 
     # kill -9: serve's helpers, the waiting one included, do not outlive it.
-    helpers = wait_until(lambda: _helpers_of(serve.pid), "the next warm helper", 30, serve)
-    assert warm not in helpers
+    helpers = wait_until(
+        lambda: [pid for pid in _helpers_of(serve.pid) if pid != warm],
+        "the next warm helper",
+        30,
+        serve,
+    )
     serve.send_signal(signal.SIGKILL)
     assert serve.wait(timeout=10) == -signal.SIGKILL
-    wait_until(lambda: all(gone(pid) for pid in helpers), "the helpers gone with serve", 5)
+    wait_until(lambda: all(gone(pid) for pid in [warm, *helpers]), "the helpers gone with serve", 5)
 
 
 # -- 2. SIGTERM ------------------------------------------------------------------------------
