@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
@@ -42,7 +41,7 @@ from sqlalchemy.engine import make_url
 
 from bench import data
 from bench.databases import Database, Databases
-from bench.processes import ReceiverProcess
+from bench.processes import ReceiverProcess, cpu_seconds
 from bench.timing import Samples, profile_to, statement_log
 from syncer import audiences, db, loops, sync, workers
 from syncer.delivery import Audience, Target, deliver_audience, register_destinations
@@ -324,24 +323,6 @@ def variant(outbox: Outbox, processes: int, warm: bool = False) -> str:
     return f"{kind}, {processes} processes" + (", warm helper" if warm else "")
 
 
-def _waiting_helpers() -> list[int]:
-    """Pids of this process's helpers that wait for a plan (``syncer.workers`` children)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError):
-            text_ = stat.read_text()
-            if int(text_[text_.rindex(")") + 2 :].split()[1]) != os.getpid():
-                continue
-            if b"syncer.workers" in (stat.parent / "cmdline").read_bytes():
-                found.append(int(stat.parent.name))
-    return found
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @contextlib.contextmanager
 def warm_helpers(outbox: Outbox, count: int) -> Iterator[None]:
     """Helpers kept warm, as ``syncer serve`` keeps them; on entry ``count`` of them are
@@ -351,10 +332,10 @@ def warm_helpers(outbox: Outbox, count: int) -> Iterator[None]:
         workers.replenish(outbox.engine.url.drivername, count)
         deadline = time.monotonic() + WARM_READY_SECONDS
         while time.monotonic() < deadline:
-            pids = _waiting_helpers()
-            before = [_cpu_seconds(pid) for pid in pids]
+            pids = workers.waiting()
+            before = [cpu_seconds(pid) for pid in pids]
             time.sleep(0.3)
-            if len(pids) == count and [_cpu_seconds(pid) for pid in pids] == before:
+            if len(pids) == count and [cpu_seconds(pid) for pid in pids] == before:
                 break
         else:
             raise RuntimeError(f"no warm helper ready after {WARM_READY_SECONDS:.0f} s")

@@ -90,6 +90,12 @@ def replenish(driver: str, count: int) -> None:
             _warm.append((driver, _spawn(driver)))
 
 
+def waiting() -> list[int]:
+    """The pids of the warm helpers waiting for a plan."""
+    with _warm_lock:
+        return [process.pid for _driver, process in _warm if process.poll() is None]
+
+
 def _take(driver: str) -> subprocess.Popen[bytes]:
     """A warm helper for ``driver`` if one is waiting, else a new one."""
     with _warm_lock:
