@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import NoSuchModuleError, OperationalError, SQLAlchemyError
 
 from syncer.errors import ConfigError
 
@@ -30,17 +30,31 @@ def safe_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+def _engine(url: URL, **options: Any) -> Engine:
+    """``create_engine``, with bound values kept out of errors and logs (a statement's
+    parameters can hold user ids and workflow URL hashes), and a driver that is not installed
+    reported as bad settings."""
+    try:
+        return create_engine(url, hide_parameters=True, **options)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(
+            f"the database driver {url.drivername!r} of {safe_url(url)} is not installed or "
+            f"unknown ({_first_line(exc)}); install its package (e.g. pip install "
+            "'syncer[postgres]') or fix the URL"
+        ) from None
+
+
 def create_state_engine(url: URL) -> Engine:
     """The state database: SQLite in WAL mode with foreign keys on, or a server database."""
     if url.get_backend_name() == "sqlite":
-        engine = create_engine(
+        engine = _engine(
             url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             pool_pre_ping=False,
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return _engine(url, pool_pre_ping=True)
 
 
 def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
@@ -79,18 +93,18 @@ def create_source_engine(url: URL) -> Engine:
         if not path.exists():
             raise ConfigError(f"source database file {str(path)!r} does not exist")
         ro = URL.create("sqlite", database=f"file:{path}", query={"mode": "ro", "uri": "true"})
-        engine = create_engine(ro)
+        engine = _engine(ro)
         event.listen(engine, "connect", _sqlite_readonly_on_connect)
         install_sqlite_transactions(engine)
         return engine
     if url.get_backend_name() == "postgresql":
         # A second wall besides the per-transaction READ ONLY: a session that cannot write.
-        return create_engine(
+        return _engine(
             url,
             pool_pre_ping=True,
             connect_args={"options": "-c default_transaction_read_only=on"},
         )
-    return create_engine(url, pool_pre_ping=True)
+    return _engine(url, pool_pre_ping=True)
 
 
 def _sqlite_readonly_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:

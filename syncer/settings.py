@@ -126,6 +126,12 @@ class SourceSettings:
     name: str
     url: URL
     query_timeout_seconds: float = DEFAULT_QUERY_TIMEOUT_SECONDS
+    # PostgreSQL: the role audience SQL runs as (SET LOCAL ROLE) when the source is the state
+    # database; it must have no privilege on syncer's own tables.
+    read_role: str | None = None
+    # Run audience SQL even though the source's role can reach past a read-only transaction
+    # (a superuser, pg_write_server_files, a usable dblink ...). Off: such a role is refused.
+    allow_privileged_role: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,7 +219,11 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
         where = f"[sources.{name}]"
         if not isinstance(src_raw, Mapping):
             raise ConfigError(f"{where} must be a table with a url")
-        _only(src_raw, {"url", "query_timeout_seconds"}, where=where)
+        _only(
+            src_raw,
+            {"url", "query_timeout_seconds", "read_role", "allow_privileged_role"},
+            where=where,
+        )
         if "url" not in src_raw:
             raise ConfigError(f'{where} needs a url, like url = "sqlite:///warehouse.db"')
         sources[name] = SourceSettings(
@@ -222,6 +232,10 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             query_timeout_seconds=_positive_number(
                 src_raw.get("query_timeout_seconds", DEFAULT_QUERY_TIMEOUT_SECONDS),
                 f"{where} query_timeout_seconds",
+            ),
+            read_role=_role_name(src_raw.get("read_role"), f"{where} read_role"),
+            allow_privileged_role=_flag(
+                src_raw.get("allow_privileged_role", False), f"{where} allow_privileged_role"
             ),
         )
     sources.setdefault(DEFAULT_SOURCE, SourceSettings(name=DEFAULT_SOURCE, url=database.url))
@@ -423,4 +437,23 @@ def _delivery_processes(value: Any) -> int:
 def _positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{what} must be a positive whole number, got {value!r}")
+    return value
+
+
+_ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+
+
+def _role_name(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ROLE_NAME.fullmatch(value):
+        raise ConfigError(
+            f'{what} must be a plain role name (letters, digits, _ and $), like "syncer_reader"'
+        )
+    return value
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, got {value!r}")
     return value
