@@ -109,8 +109,18 @@ def create_source_engine(url: URL) -> Engine:
 
 def _sqlite_readonly_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     dbapi_connection.isolation_level = None
+    # Text that is not UTF-8 arrives as its bytes (a run counts such an id as not valid)
+    # instead of failing the whole fetch.
+    dbapi_connection.text_factory = _text_or_bytes
     dbapi_connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     dbapi_connection.execute("PRAGMA query_only=ON")
+
+
+def _text_or_bytes(value: bytes) -> str | bytes:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
 
 
 def migrations_dir() -> Path:

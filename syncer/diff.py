@@ -64,10 +64,11 @@ from syncer.models import (
 )
 from syncer.sources import (
     Source,
-    id_column,
+    drop_definer_function,
+    fenced,
+    id_text,
     is_valid_id,
-    member_query,
-    read_only,
+    normalize_sql,
     run_error,
 )
 
@@ -133,6 +134,7 @@ def reset_temp_tables(conn: Connection) -> None:
             table.drop(conn, checkfirst=True)
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"DROP SEQUENCE IF EXISTS {SKIP_SEQUENCE}")
+            drop_definer_function(conn)
 
 
 def stage(conn: Connection, source: Source | None, sql: str) -> Staged:
@@ -140,6 +142,8 @@ def stage(conn: Connection, source: Source | None, sql: str) -> Staged:
 
     Without a source the audience is being retired: its new snapshot is empty.
     """
+    if source is not None:
+        sql = normalize_sql(sql, source.dialect)  # again: it may predate the check
     reset_temp_tables(conn)
     dialect = conn.dialect.name
     with conn.begin():
@@ -187,9 +191,9 @@ def _stage_in_place(conn: Connection, source: Source, sql: str) -> Loaded:
     try:
         with (
             _skip_counter(conn) as counter,
-            read_only(conn, source.settings.query_timeout_seconds, commit=True),
+            fenced(conn, source, commit=True, staging=True) as reader,
         ):
-            query = member_query(sql, id_column(conn, sql))
+            query = reader.member_query(sql, reader.id_column(sql))
             keep = query.valid
             if counter is not None:
                 keep = case((query.valid, true()), else_=counter.condition)
@@ -270,10 +274,10 @@ def _stage_streamed(conn: Connection, source: Source, sql: str) -> Loaded:
     objects) and go to the state database in one transaction."""
     skipped = 0
     try:
-        with source.engine.connect() as src, read_only(src, source.settings.query_timeout_seconds):
-            id_name = id_column(src, sql)
+        with source.engine.connect() as src, fenced(src, source) as reader:
+            query = reader.member_query(sql, reader.id_column(sql))
             with (
-                _driver_cursor(src, member_query(sql, id_name).raw) as cursor,
+                _driver_cursor(src, query.raw) as cursor,
                 conn.begin(),
                 _bulk_load(conn) as load,
             ):
@@ -318,15 +322,20 @@ def _valid_rows(batch: Sequence[Any]) -> tuple[Sequence[tuple[str]], int]:
     The usual batch is checked whole, at C speed, and its tuples kept as the driver made them:
     when the smallest id sorts at or after ``"!"`` no id is empty or starts with a blank
     character (all of them sort before it), so none is blank; with the longest id short enough,
-    every id is valid. Otherwise (NULL or numeric ids raise TypeError on the way) each id is
-    checked by ``is_valid_id``."""
+    every id is valid (and none holds a NUL, which PostgreSQL text cannot store). Otherwise
+    (NULL, numeric or bytes ids raise TypeError on the way) each id is
+    checked by ``is_valid_id``; bytes are their UTF-8 text (``id_text``), or not valid."""
     ids = [row[0] for row in batch]
     try:
-        if min(ids) >= "!" and max(map(len, ids)) <= USER_ID_LENGTH:
+        if min(ids) >= "!" and max(map(len, ids)) <= USER_ID_LENGTH and "\x00" not in "".join(ids):
             return batch, 0
     except TypeError:
         pass
-    good = [(user_id,) for value in ids if value is not None and is_valid_id(user_id := str(value))]
+    good = [
+        (user_id,)
+        for value in ids
+        if (user_id := id_text(value)) is not None and is_valid_id(user_id)
+    ]
     return good, len(batch) - len(good)
 
 

@@ -1,17 +1,31 @@
-"""Source databases: where an audience's SQL runs, read-only and with a time limit.
+"""Source databases: where an audience's SQL runs, read-only, with a time limit, fenced.
 
-An audience definition is one SELECT that returns user ids: a single column, or a column
-named ``user_id``. It is always run wrapped as a subquery, so it cannot be a write, and on a
-source of its own it runs on a read-only connection (SQLite opened read-only, PostgreSQL and
-MySQL in a READ ONLY transaction) with a statement timeout.
+An audience definition is one query that returns user ids: a single column, or a column named
+``user_id``. It is parsed first (``syncer.audience_sql``: one query, nothing that writes or
+changes the session), then always run wrapped as a subquery inside ``fenced``:
+
+- a read-only transaction (SQLite opened read-only, PostgreSQL and MySQL ``READ ONLY``) with a
+  statement timeout;
+- SQLite: an authorizer on the connection while the audience SQL is prepared, which allows
+  reading data tables only: never syncer's own tables (the state database may be the source),
+  the schema table, ``ATTACH``, pragmas, or any write but syncer's own staging insert;
+- PostgreSQL: the role the SQL runs as is checked first (one query): a superuser, a member of
+  ``pg_write_server_files`` / ``pg_execute_server_program`` / ``pg_read_server_files``, a role
+  that can use ``dblink``, a foreign server or the server-side file functions is refused unless
+  ``[sources.NAME] allow_privileged_role = true``; so is a role that can read syncer's own
+  tables. With ``[sources.NAME] read_role`` the SQL runs inside a ``SECURITY DEFINER``
+  function owned by that role (``pg_temp.syncer_audience_ids``): unlike ``SET ROLE``, which the
+  SQL itself could undo (``set_config('role', 'none', true)`` inside ``query_to_xml``), a
+  security-definer context refuses any change of role;
+- MySQL/MariaDB: a source that is the state database is refused (a user's privileges cannot be
+  narrowed for one query), and so is a user that can see syncer's tables.
 """
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,14 +52,20 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from syncer.audience_sql import embeddable
 from syncer.db import create_source_engine
 from syncer.errors import AudienceError, SourceError
-from syncer.models import USER_ID_LENGTH
+from syncer.models import MYSQL, USER_ID_LENGTH, Base
 from syncer.settings import Settings, SourceSettings
 
 USER_ID_COLUMN = "user_id"
-_READ_STATEMENT = re.compile(r"^\s*(\(\s*)*(select|with|values)\b", re.IGNORECASE)
 _SQLITE_PROGRESS_STEPS = 10_000
+
+# Syncer's own tables (and the temporary ones a run stages ids in): never readable by audience SQL.
+STAGING_TABLES = frozenset({"syncer_staged", "syncer_changes"})
+SYNCER_TABLES = frozenset(Base.metadata.tables) | {"alembic_version"} | STAGING_TABLES
+# A database holds syncer's tables when it holds this one.
+_MARKER_TABLE = "syncer_settings"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +80,10 @@ class Source:
     def name(self) -> str:
         return self.settings.name
 
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
 
 def open_source(settings: Settings, name: str) -> Source:
     source = settings.source(name)
@@ -71,18 +95,10 @@ def open_source(settings: Settings, name: str) -> Source:
     )
 
 
-def normalize_sql(sql: str) -> str:
-    """Strip whitespace and trailing semicolons; refuse what is not one read statement."""
-    cleaned = sql.strip()
-    while cleaned.endswith(";"):
-        cleaned = cleaned[:-1].rstrip()
-    if not cleaned:
-        raise AudienceError("the audience SQL is empty; give a SELECT that returns user ids")
-    if not _READ_STATEMENT.match(cleaned):
-        raise AudienceError(
-            "the audience SQL must be one read-only SELECT (or WITH … SELECT) returning user ids"
-        )
-    return cleaned
+def normalize_sql(sql: str, dialect: str) -> str:
+    """The audience SQL as syncer stores and embeds it; refuses what is not one read-only query
+    (see ``syncer.audience_sql``)."""
+    return embeddable(sql, dialect)
 
 
 @contextmanager
@@ -107,7 +123,7 @@ def read_only(
         finally:
             raw.set_progress_handler(None, 0)
         return
-    if dialect in ("mysql", "mariadb"):
+    if dialect in MYSQL:
         conn.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
         conn.commit()
         try:
@@ -134,16 +150,322 @@ def _transaction(conn: Connection, commit: bool) -> Iterator[None]:
             tx.rollback()
 
 
-def id_column(conn: Connection, sql: str) -> str:
-    """The column that holds user ids: the only one, or the one named ``user_id``.
+# --- the fence --------------------------------------------------------------------------------
 
-    Every statement that embeds audience SQL carries a bound parameter: drivers send
-    parameterless statements as simple queries, which PostgreSQL runs even when they hold
-    several statements (``…) x; COMMIT; DELETE …``); with a parameter, it refuses them.
+
+@dataclass(frozen=True, kw_only=True)
+class Reader:
+    """How audience SQL is run on one fenced connection."""
+
+    conn: Connection
+    definer_role: str | None  # PostgreSQL: the SQL runs in a function owned by this role
+
+    def id_column(self, sql: str) -> str:
+        """The column that holds user ids: the only one, or the one named ``user_id``."""
+        if self.definer_role is not None:
+            names, types = _describe_postgres(self.conn, sql)
+            name = _pick_id_column(names)
+            if types[names.index(name)] == _PG_BYTEA:
+                raise AudienceError(
+                    f"the audience SQL returns its ids ({name}) as bytea; return text, "
+                    f"e.g. convert_from({name}, 'UTF8') AS {name}"
+                )
+            return name
+        return id_column(self.conn, sql)
+
+    def member_query(self, sql: str, id_name: str, *, limit: int | None = None) -> MemberQuery:
+        if self.definer_role is None:
+            return member_query(sql, id_name)
+        quoted = self.conn.dialect.identifier_preparer.quote_identifier(id_name)
+        inner = f"SELECT CAST(audience_query.{quoted} AS text) FROM ({sql}\n) AS audience_query"
+        if limit is not None:
+            inner += f" LIMIT {int(limit)}"
+        rows = text(f"SELECT * FROM pg_temp.{_DEFINER_FUNCTION}(:syncer_query) AS ids(user_id)")
+        return _member_query(
+            rows.bindparams(syncer_query=inner).columns(column(USER_ID_COLUMN)), USER_ID_COLUMN
+        )
+
+
+@contextmanager
+def fenced(
+    conn: Connection, source: Source, *, commit: bool = False, staging: bool = False
+) -> Iterator[Reader]:
+    """``read_only``, with the checks and the fence of the module docstring around it.
+
+    Raises AudienceError when the source or its role may not run audience SQL. ``staging``:
+    the block also writes syncer's staging table (SQLite's authorizer lets that through).
     """
-    result = conn.execute(text(f"SELECT * FROM ({sql}) AS audience_query LIMIT :none"), {"none": 0})
-    names = list(result.keys())
-    result.close()
+    dialect = conn.dialect.name
+    if dialect in MYSQL:
+        _check_mysql(conn, source)
+    definer = None
+    if dialect == "postgresql":
+        definer = source.settings.read_role
+        _check_postgres(conn, source)
+        if definer is not None:
+            _create_definer_function(conn, definer)
+    with read_only(conn, source.settings.query_timeout_seconds, commit=commit):
+        if dialect == "sqlite":
+            with _sqlite_fence(conn, staging=staging):
+                yield Reader(conn=conn, definer_role=None)
+        else:
+            yield Reader(conn=conn, definer_role=definer)
+
+
+# SQLite ------------------------------------------------------------------------------------------
+
+_SQLITE_ALLOWED = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_RECURSIVE})
+_SQLITE_SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_master"})
+_SQLITE_DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile"})
+BLOB_ID_FUNCTION = "syncer_blob_id"
+
+
+def _sqlite_authorizer(
+    staging: bool,
+) -> Callable[[int, str | None, str | None, str | None, str | None], int]:
+    hidden = SYNCER_TABLES | _SQLITE_SCHEMA_TABLES
+
+    def authorize(
+        action: int, arg1: str | None, arg2: str | None, db: str | None, _inner: str | None
+    ) -> int:
+        if action in _SQLITE_ALLOWED:
+            return sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_READ:
+            return sqlite3.SQLITE_DENY if (arg1 or "").lower() in hidden else sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_FUNCTION:
+            denied = (arg2 or "").lower() in _SQLITE_DENIED_FUNCTIONS
+            return sqlite3.SQLITE_DENY if denied else sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_INSERT and staging and db == "temp":
+            return sqlite3.SQLITE_OK if arg1 == "syncer_staged" else sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_DENY
+
+    return authorize
+
+
+@contextmanager
+def _sqlite_fence(conn: Connection, *, staging: bool) -> Iterator[None]:
+    """Every statement prepared on this connection meanwhile is judged by the authorizer
+    (setting one expires the statements prepared before it)."""
+    raw = conn.connection.dbapi_connection
+    assert isinstance(raw, sqlite3.Connection)
+    raw.create_function(BLOB_ID_FUNCTION, 1, _blob_text, deterministic=True)
+    raw.set_authorizer(_sqlite_authorizer(staging))
+    try:
+        yield
+    finally:
+        raw.set_authorizer(None)
+        raw.create_function(BLOB_ID_FUNCTION, 1, None)
+
+
+def _blob_text(value: bytes | None) -> str | None:
+    return id_text(value)
+
+
+# PostgreSQL --------------------------------------------------------------------------------------
+
+_PG_BYTEA = 17
+_DEFINER_FUNCTION = "syncer_audience_ids"
+_PG_FILE_FUNCTIONS = (
+    "lo_export",
+    "lo_import",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "pg_file_write",
+    "pg_file_rename",
+    "pg_file_unlink",
+)
+_PG_ROLE_CHECK = """
+SELECT r.rolname, r.rolsuper,
+       pg_has_role(r.oid, 'pg_write_server_files', 'USAGE'),
+       pg_has_role(r.oid, 'pg_execute_server_program', 'USAGE'),
+       pg_has_role(r.oid, 'pg_read_server_files', 'USAGE'),
+       EXISTS (SELECT FROM pg_proc p
+               JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+                                AND d.deptype = 'e'
+               JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'dblink'
+               WHERE p.proname LIKE 'dblink%%'
+                 AND has_function_privilege(r.oid, p.oid, 'EXECUTE')),
+       EXISTS (SELECT FROM pg_foreign_server s WHERE has_server_privilege(r.oid, s.oid, 'USAGE')),
+       (SELECT string_agg(DISTINCT p.proname, ', ') FROM pg_proc p
+         WHERE p.proname = ANY(%(file_functions)s)
+           AND has_function_privilege(r.oid, p.oid, 'EXECUTE')),
+       (SELECT string_agg(c.relname, ', ' ORDER BY c.relname) FROM pg_class c
+         WHERE c.relname = ANY(%(tables)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+           AND c.relnamespace IN (SELECT m.relnamespace FROM pg_class m
+                                   WHERE m.relname = %(marker)s AND m.relkind IN ('r', 'p'))
+           AND (has_table_privilege(r.oid, c.oid,
+                                    'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')
+                OR has_any_column_privilege(r.oid, c.oid, 'SELECT'))),
+       pg_has_role(current_user, r.oid, 'MEMBER'),
+       current_user
+  FROM pg_roles r
+ WHERE r.rolname = COALESCE(%(role)s, current_user)
+"""
+
+
+def _check_postgres(conn: Connection, source: Source) -> None:
+    """Refuse a role that reaches past a read-only transaction or can read syncer's tables:
+    the role audience SQL runs as (``read_role``, else the login role). One query."""
+    settings = source.settings
+    role = settings.read_role
+    with conn.begin():
+        row = conn.exec_driver_sql(
+            _PG_ROLE_CHECK,
+            {
+                "role": role,
+                "file_functions": list(_PG_FILE_FUNCTIONS),
+                "tables": sorted(SYNCER_TABLES),
+                "marker": _MARKER_TABLE,
+            },
+        ).first()
+    where = f"source {source.name!r}"
+    if row is None:
+        raise AudienceError(
+            f"{where}: read_role {role!r} does not exist; create it (CREATE ROLE {role} NOLOGIN; "
+            f"GRANT {role} TO <the role syncer connects as>; GRANT USAGE ON SCHEMA public TO "
+            f"{role}; GRANT SELECT ON <your data tables> TO {role})"
+        )
+    name, superuser, writes, programs, reads, dblink, foreign, files, tables, member, login = row
+    who = f"read_role {name!r}" if role is not None else f"role {name!r}"
+    if role is not None and not member:
+        raise AudienceError(
+            f"{where}: role {login!r} cannot act as read_role {name!r}; GRANT {name} TO {login}"
+        )
+    if not settings.allow_privileged_role:
+        reason = _privileged_reason(superuser, writes, programs, reads, dblink, foreign, files)
+        if reason:
+            raise AudienceError(
+                f"{where}: {who} {reason} despite a read-only transaction; connect as an "
+                "ordinary role (CREATE ROLE syncer_reader LOGIN; GRANT SELECT ON <your data "
+                f"tables> TO syncer_reader) or set [sources.{source.name}] "
+                "allow_privileged_role = true"
+            )
+    if tables:
+        raise AudienceError(_syncer_tables_refusal(source, who, name, tables))
+
+
+def _privileged_reason(
+    superuser: bool,
+    writes: bool,
+    programs: bool,
+    reads: bool,
+    dblink: bool,
+    foreign: bool,
+    files: str | None,
+) -> str | None:
+    if superuser:
+        return "is a superuser, which can write files and run programs"
+    if writes:
+        return "is a member of pg_write_server_files, which can write files on the server"
+    if programs:
+        return "is a member of pg_execute_server_program, which can run programs on the server"
+    if reads:
+        return "is a member of pg_read_server_files, which can read any file on the server"
+    if dblink:
+        return "can use dblink, which opens connections that are not read-only"
+    if foreign:
+        return "can use a foreign server (postgres_fdw …), which reaches other databases"
+    if files:
+        return f"can run {files}, which reach files on the server"
+    return None
+
+
+def _syncer_tables_refusal(source: Source, who: str, name: str, tables: str) -> str:
+    where = f"source {source.name!r}"
+    section = f"[sources.{source.name}]"
+    if source.settings.read_role is not None:
+        return (
+            f"{where}: {who} has privileges on syncer's own tables ({tables}); audience SQL "
+            f"must not read them: REVOKE ALL ON {tables} FROM {name}"
+        )
+    if source.same_as_state:
+        return (
+            f"{where} is the state database, and role {name!r} can read syncer's own tables "
+            f"({tables}); run audience SQL as a reader role: CREATE ROLE syncer_reader NOLOGIN; "
+            f"GRANT syncer_reader TO {name}; GRANT USAGE ON SCHEMA public TO syncer_reader; "
+            "GRANT SELECT ON users, orders TO syncer_reader; (your data tables) and set "
+            f'{section} read_role = "syncer_reader", or give {section} a url of its own'
+        )
+    return (
+        f"{where}: {who} can read syncer's own tables ({tables}) in this database; connect as "
+        f"a role with SELECT on your data tables only, or set {section} read_role to a role "
+        "without privileges on them"
+    )
+
+
+def _create_definer_function(conn: Connection, role: str) -> None:
+    """``pg_temp.syncer_audience_ids(query)``: runs ``query`` as ``role`` and returns its one
+    text column. Made for this session before each use (a temporary object, gone with it)."""
+    quoted = conn.dialect.identifier_preparer.quote_identifier(role)
+    with conn.begin():
+        conn.exec_driver_sql("SET TRANSACTION READ WRITE")
+        conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS pg_temp.{_DEFINER_FUNCTION}(text)")
+        conn.exec_driver_sql(
+            f"CREATE FUNCTION pg_temp.{_DEFINER_FUNCTION}(query text) RETURNS SETOF text "
+            "LANGUAGE plpgsql SECURITY DEFINER AS "
+            "$syncer$ BEGIN RETURN QUERY EXECUTE query; END $syncer$"
+        )
+        conn.exec_driver_sql(f"ALTER FUNCTION pg_temp.{_DEFINER_FUNCTION}(text) OWNER TO {quoted}")
+
+
+def drop_definer_function(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS pg_temp.{_DEFINER_FUNCTION}(text)")
+
+
+def _describe_postgres(conn: Connection, sql: str) -> tuple[list[str], list[int]]:
+    """The names and type OIDs of the query's columns, from the server's parse of it: nothing
+    is planned or run (so nothing runs as the login role)."""
+    pgconn: Any = conn.connection.dbapi_connection.pgconn  # type: ignore[union-attr]
+    query = f"SELECT * FROM ({sql}\n) AS audience_query".encode()
+    prepared = pgconn.prepare(b"", query)
+    if prepared.error_message:
+        raise _described_error(prepared.error_message)
+    described = pgconn.describe_prepared(b"")
+    if described.error_message:
+        raise _described_error(described.error_message)
+    names = [bytes(described.fname(i)).decode() for i in range(described.nfields)]
+    types = [int(described.ftype(i)) for i in range(described.nfields)]
+    return names, types
+
+
+def _described_error(message: bytes) -> SQLAlchemyError:
+    text_ = message.decode(errors="replace").strip()
+    first = text_.splitlines()[0] if text_ else "the query failed"
+    return SQLAlchemyError(first.removeprefix("ERROR:").strip())
+
+
+# MySQL / MariaDB ---------------------------------------------------------------------------------
+
+
+def _check_mysql(conn: Connection, source: Source) -> None:
+    where = f"source {source.name!r}"
+    section = f"[sources.{source.name}]"
+    if source.same_as_state:
+        raise AudienceError(
+            f"{where} is the state database, where audience SQL could read syncer's own tables; "
+            f"give {section} a url of its own, as a user granted SELECT only on your data tables "
+            "(CREATE USER syncer_reader …; GRANT SELECT ON shop.users TO syncer_reader)"
+        )
+    # information_schema lists only the tables this user holds some privilege on.
+    with conn.begin():
+        visible = conn.exec_driver_sql(
+            "SELECT TABLE_SCHEMA FROM information_schema.TABLES WHERE TABLE_NAME = %(marker)s",
+            {"marker": _MARKER_TABLE},
+        ).first()
+    if visible is not None:
+        raise AudienceError(
+            f"{where}: its user can read syncer's own tables (in {visible[0]}); connect as a "
+            "user granted SELECT only on your data tables"
+        )
+
+
+# --- the query, wrapped -------------------------------------------------------------------------
+
+
+def _pick_id_column(names: list[str]) -> str:
     if len(names) == 1:
         return str(names[0])
     lowered = {name.lower(): name for name in names}
@@ -153,6 +475,21 @@ def id_column(conn: Connection, sql: str) -> str:
         f"the audience SQL returns {len(names)} columns ({', '.join(names)}); "
         "return one column of user ids, or name the id column user_id"
     )
+
+
+def id_column(conn: Connection, sql: str) -> str:
+    """The column that holds user ids: the only one, or the one named ``user_id``.
+
+    Every statement that embeds audience SQL carries a bound parameter: drivers send
+    parameterless statements as simple queries, which PostgreSQL runs even when they hold
+    several statements (``…) x; COMMIT; DELETE …``); with a parameter, it refuses them.
+    """
+    result = conn.execute(
+        text(f"SELECT * FROM ({sql}\n) AS audience_query LIMIT :none"), {"none": 0}
+    )
+    names = list(result.keys())
+    result.close()
+    return _pick_id_column(names)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,17 +505,24 @@ class MemberQuery:
 
 
 def member_query(sql: str, id_name: str) -> MemberQuery:
-    """The user ids of a definition as text; NULL, blank and over-long ids are not valid.
+    """The user ids of a definition as text; NULL, blank, over-long ids and ids holding a NUL
+    character are not valid.
 
     Blank means nothing but spaces, tabs and line breaks (see ``is_valid_id``, its twin for ids
-    streamed through Python).
+    streamed through Python). The SQL ends on a line of its own, so a trailing comment the
+    database reads differently cannot reach the SQL around it.
     """
-    rows = text(sql).columns(column(id_name)).subquery("audience_query")
-    user_id = cast(rows.c[id_name], Text)
+    return _member_query(text(f"{sql}\n").columns(column(id_name)), id_name)
+
+
+def _member_query(rows_text: Any, id_name: str) -> MemberQuery:
+    rows = rows_text.subquery("audience_query")
+    user_id = _IdText(rows.c[id_name])
     valid = and_(
-        rows.c[id_name].is_not(None),
+        user_id.is_not(None),
         _NotBlank(user_id),
         _Characters(user_id) <= USER_ID_LENGTH,
+        _NoNul(user_id),
     )
     return MemberQuery(
         rows=rows,
@@ -191,6 +535,30 @@ def member_query(sql: str, id_name: str) -> MemberQuery:
 
 
 BLANK_CHARACTERS = " \t\r\n"
+
+
+class _IdText(FunctionElement[str]):
+    """The id as text. SQLite: a BLOB id is its UTF-8 text, or NULL when it is not UTF-8
+    (``syncer_blob_id``, a function of the fenced connection), never its bytes as text."""
+
+    type = Text()
+    inherit_cache = True
+
+
+@compiles(_IdText)
+def _id_text(element: _IdText, compiler: SQLCompiler, **kw: Any) -> str:
+    (value,) = element.clauses
+    return compiler.process(cast(value, Text), **kw)
+
+
+@compiles(_IdText, "sqlite")
+def _id_text_sqlite(element: _IdText, compiler: SQLCompiler, **kw: Any) -> str:
+    (value,) = element.clauses
+    raw = compiler.process(value, **kw)
+    return (
+        f"CASE WHEN typeof({raw}) = 'blob' THEN {BLOB_ID_FUNCTION}({raw}) "
+        f"ELSE CAST({raw} AS TEXT) END"
+    )
 
 
 class _NotBlank(FunctionElement[bool]):
@@ -225,6 +593,33 @@ def _not_blank_trim(element: _NotBlank, compiler: SQLCompiler, **kw: Any) -> str
     return f"({text_id} COLLATE {byte_order} >= '!' OR {trimmed} != '')"
 
 
+class _NoNul(FunctionElement[bool]):
+    """True when the id holds no NUL character (PostgreSQL text cannot hold one: a state
+    database there would refuse the whole load)."""
+
+    type = Boolean()
+    inherit_cache = True
+    _is_implicitly_boolean = True
+
+
+@compiles(_NoNul)
+def _no_nul_portable(element: _NoNul, compiler: SQLCompiler, **kw: Any) -> str:
+    (value,) = element.clauses
+    return f"(instr({compiler.process(value, **kw)}, char(0)) = 0)"
+
+
+@compiles(_NoNul, "postgresql")
+def _no_nul_postgres(element: _NoNul, compiler: SQLCompiler, **kw: Any) -> str:
+    return "true"
+
+
+@compiles(_NoNul, "mysql")
+@compiles(_NoNul, "mariadb")
+def _no_nul_mysql(element: _NoNul, compiler: SQLCompiler, **kw: Any) -> str:
+    (value,) = element.clauses
+    return f"(LOCATE(CHAR(0), {compiler.process(value, **kw)}) = 0)"
+
+
 class _Characters(FunctionElement[int]):
     """The id's length in characters: ``length`` (MySQL's counts bytes: ``char_length``)."""
 
@@ -247,24 +642,42 @@ def _characters_mysql(element: _Characters, compiler: SQLCompiler, **kw: Any) ->
 _ONE_STATEMENT = literal(1) == literal(1)
 
 
+def id_text(value: object) -> str | None:
+    """An id as the source returned it, as text: bytes (a BLOB, bytea, VARBINARY) are their
+    UTF-8 text, or None when they are not UTF-8; NULL is None."""
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else str(value)
+
+
 def is_valid_id(user_id: str) -> bool:
     """The Python side of ``member_query``'s ``valid``, for ids streamed from another database."""
-    return bool(user_id.strip(BLANK_CHARACTERS)) and len(user_id) <= USER_ID_LENGTH
+    return (
+        bool(user_id.strip(BLANK_CHARACTERS))
+        and len(user_id) <= USER_ID_LENGTH
+        and "\x00" not in user_id
+    )
 
 
 def check_definition(source: Source, sql: str) -> str:
-    """Run the definition on its source, read-only, and return it normalized.
+    """Run the definition on its source, read-only and fenced, and return it normalized.
 
-    Raises AudienceError naming the problem when it fails, writes, or returns no id column.
+    Raises AudienceError naming the problem when it is not one read-only query, when the source
+    or its role may not run audience SQL, or when it fails or returns no id column.
     """
-    sql = normalize_sql(sql)
+    sql = normalize_sql(sql, source.dialect)
     try:
-        with (
-            source.engine.connect() as conn,
-            read_only(conn, source.settings.query_timeout_seconds),
-        ):
-            id_name = id_column(conn, sql)
-            conn.execute(member_query(sql, id_name).members.limit(5)).fetchall()
+        # The connection ends with the check (callers dispose of the engine), and with it the
+        # session's temporary definer function.
+        with source.engine.connect() as conn, fenced(conn, source) as reader:
+            id_name = reader.id_column(sql)
+            query = reader.member_query(sql, id_name, limit=5)
+            conn.execute(query.members.limit(5)).fetchall()
     except AudienceError:
         raise
     except SQLAlchemyError as exc:
@@ -280,6 +693,8 @@ def describe_db_error(exc: BaseException) -> str:
     message = str(orig).strip()
     if "interrupted" in message.lower() and isinstance(orig, sqlite3.OperationalError):
         return "the query ran past the source's query_timeout_seconds"
+    if "not authorized" in message.lower() and isinstance(orig, sqlite3.DatabaseError):
+        return f"{message.splitlines()[0]}: audience SQL may read data tables only"
     return message.splitlines()[0] if message else type(orig).__name__
 
 
