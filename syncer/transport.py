@@ -10,10 +10,21 @@ bench/README.md).
 
 The rules are the ones a delivery depends on, checked against httpx's default transport by
 tests/integration/test_transports.py: redirects are never followed, nothing is compressed or
-decompressed, TLS is verified with the system's trust store, an answer is read whole (up to
-MAX_ANSWER_BYTES), and timeouts are httpx's: ``connect`` for opening a connection, ``read`` for
-the gap between bytes of the answer (a stalled write shows as a read timeout), ``pool`` for
-waiting on a free connection.
+decompressed, TLS is verified with the system's trust store, and an answer is read whole.
+
+A receiver is not trusted to behave (tests/integration/test_hostile_receivers.py). Every wait
+has a bound and every buffer a cap:
+
+- Timeouts are httpx's (``connect`` for opening a connection, ``read`` for the gap between bytes
+  of the answer, a stalled write showing as a read timeout, ``pool`` for waiting on a free
+  connection) plus ``total``, as in aiohttp: one deadline for the whole call, from asking for a
+  connection to the last byte of the answer. A receiver that drips a byte now and then, or
+  answers ``100 Continue`` forever, meets it. It costs one loop timer per call, set when the
+  request is written and never re-armed while the total is the shortest bound.
+- An answer's head (status line and headers, interim 1xx answers included) is at most
+  MAX_HEAD_BYTES, with at most MAX_HEADER_FIELDS fields of at most MAX_HEADER_LINE_BYTES each
+  and at most MAX_INTERIM_ANSWERS interim answers; its body is at most MAX_ANSWER_BYTES. Past a
+  cap the call fails with ``AnswerOverLimit`` and the connection is dropped.
 """
 
 from __future__ import annotations
@@ -25,16 +36,31 @@ from typing import Any
 import httptools
 import httpx
 
-# An answer larger than this is cut off (and its connection dropped): Tray answers a few bytes,
-# and only the status and Retry-After are used.
-MAX_ANSWER_BYTES = 64 * 1024
+# Caps on an answer; past one, the call fails and its connection is dropped. Tray answers a few
+# bytes, and only the status and Retry-After are used.
+MAX_ANSWER_BYTES = 64 * 1024  # the body
+MAX_HEAD_BYTES = 64 * 1024  # the status line and headers, interim answers included
+MAX_HEADER_FIELDS = 100
+MAX_HEADER_LINE_BYTES = 8 * 1024  # one field's name and value
+MAX_INTERIM_ANSWERS = 10  # 100 Continue, 103 Early Hints… before the answer itself
 DEFAULT_PORTS = {b"http": 80, b"https": 443}
+# A loop may run a timer this much before its time (uvloop's clock counts milliseconds).
+_TIMER_SLACK = 0.001
 
 Origin = tuple[bytes, bytes, int]
 
 
 # The answer to one request: (status, headers, body, connection reusable).
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes, bool]
+
+
+class AnswerOverLimit(httpx.RemoteProtocolError):
+    """An answer past one of the caps above; its text says which, e.g. "answer headers over
+    64 KiB"."""
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing an answer that already failed."""
 
 
 class Connection(asyncio.Protocol):
@@ -50,10 +76,14 @@ class Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._size = 0
+        self._head_size = 0
+        self._interim = 0
         self._headers_done = False
         self._until_close = False
         self._last_read = 0.0
         self._read_timeout: float | None = None
+        self._deadline: float | None = None
+        self._total = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -66,12 +96,19 @@ class Connection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection can't be trusted any more
             return
         self._last_read = self._loop.time()
+        if not self._headers_done:
+            self._head_size += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(httpx.RemoteProtocolError("unexpected protocol upgrade"))
         except httptools.HttpParserError as exc:
+            # (a no-op when a callback failed the answer and stopped the parser)
             self._fail(httpx.RemoteProtocolError(f"malformed answer: {exc}"))
+        else:
+            # Every byte counted is the head's unless the head ended within this chunk.
+            if not self._headers_done and self._head_size > MAX_HEAD_BYTES:
+                self._fail(AnswerOverLimit(f"answer headers over {_kib(MAX_HEAD_BYTES)}"))
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost settles a pending answer
@@ -92,7 +129,12 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        headers = self._headers
+        if len(headers) >= MAX_HEADER_FIELDS:
+            self._refuse(f"answer has over {MAX_HEADER_FIELDS} header fields")
+        if len(name) + len(value) > MAX_HEADER_LINE_BYTES:
+            self._refuse(f"answer header line over {_kib(MAX_HEADER_LINE_BYTES)}")
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -107,46 +149,82 @@ class Connection(asyncio.Protocol):
         )
 
     def on_body(self, body: bytes) -> None:
-        if self._size >= MAX_ANSWER_BYTES:
-            return
-        self._body.append(body[: MAX_ANSWER_BYTES - self._size])
         self._size += len(body)
-        if self._size >= MAX_ANSWER_BYTES:
-            self._finish(reusable=False)
+        if self._size > MAX_ANSWER_BYTES:
+            self._refuse(f"answer body over {_kib(MAX_ANSWER_BYTES)}")
+        self._body.append(body)
 
     def on_message_complete(self) -> None:
         if not self._headers_done:
-            self._headers.clear()  # the interim answer ended; wait for the real one
+            # The interim answer ended; wait for the real one.
+            self._interim += 1
+            if self._interim > MAX_INTERIM_ANSWERS:
+                self._refuse(f"answer has over {MAX_INTERIM_ANSWERS} interim (1xx) answers")
+            self._headers.clear()
             return
-        self._finish(reusable=self._parser.should_keep_alive())
+        transport = self._transport
+        # A server that answered before it read the whole request may misread what follows.
+        reusable = self._parser.should_keep_alive() and (
+            transport is None or not transport.get_write_buffer_size()
+        )
+        self._finish(reusable=reusable)
+
+    def _refuse(self, text: str) -> None:
+        """Fail the answer for passing a cap, and stop parsing it."""
+        self._fail(AnswerOverLimit(text))
+        raise _Stop
 
     # -- one exchange ------------------------------------------------------------------------
 
-    def send(self, data: bytes, read_timeout: float | None) -> asyncio.Future[Answer]:
-        """Write a whole request; the returned future settles with its answer."""
+    def send(
+        self, data: bytes, read_timeout: float | None, deadline: float | None, total: float
+    ) -> asyncio.Future[Answer]:
+        """Write a whole request; the returned future settles with its answer, or fails with
+        ``httpx.ReadTimeout`` once ``read_timeout`` passes without a byte or the loop's clock
+        reaches ``deadline`` (the end of a call of ``total`` seconds)."""
         assert self._transport is not None
-        self._answer = answer = self._loop.create_future()
+        loop = self._loop
+        self._answer = answer = loop.create_future()
         self._parser = httptools.HttpResponseParser(self)
         self._headers = []
         self._body = []
-        self._size = 0
+        self._size = self._head_size = self._interim = 0
         self._headers_done = False
         self._until_close = False
         self._read_timeout = read_timeout
-        self._last_read = self._loop.time()
+        self._deadline = deadline
+        self._total = total
+        self._last_read = now = loop.time()
         if read_timeout is not None:
-            self._timer = self._loop.call_at(self._last_read + read_timeout, self._check_timer)
+            due = now + read_timeout
+            self._timer = loop.call_at(
+                due if deadline is None or due < deadline else deadline, self._check_timer
+            )
+        elif deadline is not None:
+            self._timer = loop.call_at(deadline, self._check_timer)
         self._transport.write(data)
         return answer
 
     def _check_timer(self) -> None:
-        assert self._read_timeout is not None
-        due = self._last_read + self._read_timeout
-        if self._loop.time() < due:
-            self._timer = self._loop.call_at(due, self._check_timer)  # bytes came meanwhile
+        """The call's one timer: due at its deadline, or at the end of the read gap when that
+        comes first (then re-armed while bytes keep coming)."""
+        self._timer = None
+        now = self._loop.time() + _TIMER_SLACK
+        deadline = self._deadline
+        if deadline is not None and now >= deadline:
+            self._fail(httpx.ReadTimeout(f"no complete answer within {_seconds(self._total)}"))
+            return
+        read_timeout = self._read_timeout
+        if read_timeout is not None:
+            due = self._last_read + read_timeout
+            if now >= due:
+                self._fail(httpx.ReadTimeout(f"no answer within {_seconds(read_timeout)}"))
+                return
         else:
-            self._timer = None
-            self._fail(httpx.ReadTimeout(f"no answer within {self._read_timeout:g} s"))
+            due = deadline  # type: ignore[assignment]
+        self._timer = self._loop.call_at(
+            due if deadline is None or due < deadline else deadline, self._check_timer
+        )
 
     def _settle(self) -> asyncio.Future[Answer] | None:
         if self._timer is not None:
@@ -198,26 +276,33 @@ class Http1Transport(httpx.AsyncBaseTransport):
         body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else await request.aread()
         data = _serialize(request, body)
         origin = _origin(request)
+        total = timeouts.get("total")
+        deadline = None if total is None else asyncio.get_running_loop().time() + total
         slots = self._slots
         if slots is None:
             slots = self._slots = asyncio.Semaphore(self._max_connections)
         if slots.locked():
+            timeout = _within(timeouts.get("pool"), deadline)
             try:
-                await asyncio.wait_for(slots.acquire(), timeouts.get("pool"))
+                await asyncio.wait_for(slots.acquire(), timeout)
             except TimeoutError:
-                raise httpx.PoolTimeout("no free connection", request=request) from None
+                raise httpx.PoolTimeout(
+                    f"no free connection within {_seconds(timeout)}", request=request
+                ) from None
         else:
             await slots.acquire()
         try:
             connection = self._reuse(origin) or await self._connect(
-                origin, timeouts.get("connect"), request
+                origin, _within(timeouts.get("connect"), deadline), request
             )
             read_timeout = timeouts.get("read")
             write_timeout = timeouts.get("write")
             if read_timeout is None or (write_timeout is not None and write_timeout > read_timeout):
                 read_timeout = write_timeout
             try:
-                status, headers, body, reusable = await connection.send(data, read_timeout)
+                status, headers, body, reusable = await connection.send(
+                    data, read_timeout, deadline, total or 0.0
+                )
             except BaseException:
                 connection.close()
                 self._open.discard(connection)
@@ -290,7 +375,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 timeout,
             )
         except TimeoutError:
-            raise httpx.ConnectTimeout(f"no connection within {timeout:g} s") from None
+            raise httpx.ConnectTimeout(f"no connection within {_seconds(timeout)}") from None
         except OSError as exc:  # refused, unreachable, unknown host, TLS verification failed
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from None
         self._open.add(connection)
@@ -302,6 +387,22 @@ class Http1Transport(httpx.AsyncBaseTransport):
             connection.close()
         self._open.clear()
         self._idle.clear()
+
+
+def _within(timeout: float | None, deadline: float | None) -> float | None:
+    """``timeout``, shortened to what is left before ``deadline`` (a loop time)."""
+    if deadline is None:
+        return timeout
+    left = max(0.0, deadline - asyncio.get_running_loop().time())
+    return left if timeout is None or left < timeout else timeout
+
+
+def _seconds(seconds: float | None) -> str:
+    return f"{round(seconds or 0.0, 2):g} s"
+
+
+def _kib(size: int) -> str:
+    return f"{size // 1024} KiB"
 
 
 def _origin(request: httpx.Request) -> Origin:

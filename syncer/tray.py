@@ -4,11 +4,14 @@ Bodies match what Segment sends to Tray (see DESIGN.md, "Wire format"). Calls ar
 ``httpx.Request``s handed to an httpx transport: syncer's own HTTP/1.1 transport
 (``syncer.transport``, many times faster than httpx's default transport on this workload), or
 httpx's default one; both give the same answers and errors, never follow redirects and verify
-TLS.
+TLS. On both, ``timeout_seconds`` bounds a whole call (connect, send, the complete answer) and
+an answer's body is read to at most ``MAX_ANSWER_BYTES``: a receiver that never finishes
+answering costs one failed attempt, never a hung run or the process's memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import hashlib
 import hmac
@@ -22,7 +25,7 @@ import httpx
 from syncer import __version__
 from syncer.errors import PermanentDeliveryError, TransientDeliveryError
 from syncer.settings import Secret
-from syncer.transport import Http1Transport
+from syncer.transport import MAX_ANSWER_BYTES, AnswerOverLimit, Http1Transport
 
 MAX_BODY_BYTES = 1_000_000
 LIBRARY = {"name": "syncer", "version": __version__}
@@ -184,6 +187,12 @@ class TrayClient:
     Requests go straight to the httpx transport: no cookie jar, no redirect handling, no
     auth flow, which cost more than the HTTP exchange itself on this workload. Redirects are
     never followed (the transport does not follow them either) and TLS is verified.
+
+    ``timeout_seconds`` is the deadline of a whole call, from asking for a connection to the
+    last byte of the answer. syncer's transport keeps it itself (one loop timer per call: the
+    ``total`` timeout); httpx's is bounded here with ``asyncio.timeout``. A call past its
+    deadline or past a cap on the answer fails with a ``TransientDeliveryError`` and its
+    connection is dropped.
     """
 
     def __init__(
@@ -196,16 +205,26 @@ class TrayClient:
     ) -> None:
         self._secret = shared_secret
         self._transport: httpx.AsyncBaseTransport
+        self._timeout_seconds = timeout_seconds
+        timeouts: dict[str, float | None]
         if transport == "syncer":
             self._transport = Http1Transport(max_connections=max_connections)
+            self._bound_here = False
+            timeouts = {**httpx.Timeout(timeout_seconds).as_dict(), "total": timeout_seconds}
         elif transport == "httpx":
             limits = httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             )
             self._transport = httpx.AsyncHTTPTransport(limits=limits, verify=True)
+            # The call's deadline is kept here, by cancelling the call. A TLS handshake cut off
+            # by cancelling leaves its socket open in httpcore 1.0, so opening a connection
+            # keeps a timeout of its own that ends it first: half the call for the TCP
+            # connection, half for the handshake.
+            self._bound_here = True
+            timeouts = httpx.Timeout(None, connect=timeout_seconds / 2).as_dict()
         else:
             raise ValueError(f"unknown transport {transport!r}")
-        self._extensions = {"timeout": httpx.Timeout(timeout_seconds).as_dict()}
+        self._extensions = {"timeout": timeouts}
         self._signer = Signer(shared_secret) if shared_secret is not None else None
         # Per URL: the parsed URL and the headers every call to it carries.
         self._targets: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
@@ -244,15 +263,22 @@ class TrayClient:
             extensions=self._extensions,
         )
         try:
-            response = await self._transport.handle_async_request(request)
-            try:
-                # Only the status and headers are used: the answer is drained, not decoded.
-                async for _chunk in response.aiter_raw():
-                    pass
-            finally:
-                await response.aclose()
+            if self._bound_here:
+                async with asyncio.timeout(self._timeout_seconds):
+                    response = await self._exchange(request)
+            else:
+                response = await self._exchange(request)
+        except TimeoutError:  # asyncio.timeout's
+            raise TransientDeliveryError(
+                f"timeout: no complete answer within {self._timeout_seconds:g} s"
+            ) from None
         except httpx.TimeoutException as exc:
-            raise TransientDeliveryError(f"timeout: {_short(exc)}") from None
+            text = str(exc).strip()
+            if not text and isinstance(exc, httpx.ConnectTimeout):  # httpcore's say nothing
+                text = f"no connection within {self._timeout_seconds / 2:g} s"
+            raise TransientDeliveryError(f"timeout: {_short(exc, text)}") from None
+        except AnswerOverLimit as exc:
+            raise TransientDeliveryError(_short(exc)) from None
         except httpx.TransportError as exc:
             raise TransientDeliveryError(f"connection error: {_short(exc)}") from None
         status = response.status_code
@@ -269,7 +295,21 @@ class TrayClient:
             reason += " (redirect not followed; check the workflow URL)"
         raise PermanentDeliveryError(reason, status_code=status)
 
+    async def _exchange(self, request: httpx.Request) -> httpx.Response:
+        """One request and its answer, whose body is drained (only the status and headers are
+        used) up to ``MAX_ANSWER_BYTES``."""
+        response = await self._transport.handle_async_request(request)
+        try:
+            size = 0
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise AnswerOverLimit(f"answer body over {MAX_ANSWER_BYTES // 1024} KiB")
+        finally:
+            await response.aclose()
+        return response
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+
+def _short(exc: BaseException, text: str = "") -> str:
+    text = text or str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:_ERROR_TEXT_LIMIT]
