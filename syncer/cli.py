@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
+import select
+import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -20,9 +25,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from syncer import __version__, audiences, db, history, logs
-from syncer.errors import SyncerError, UsageError
+from syncer.errors import ConfigError, SyncerError, UsageError
 from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_PAUSED, DELIVERY_STATUSES
-from syncer.settings import Settings, load_settings
+from syncer.settings import Settings, load_settings, settings_path
 
 if TYPE_CHECKING:
     from syncer.sync import RunResult
@@ -30,6 +35,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_PIPE_CLOSED = 128 + 13  # as a tool killed by SIGPIPE: the reader of our output went away
+MAX_LIMIT = 1_000_000  # rows one listing prints
+MAX_DEMO_USERS = 1_000_000
+# Arguments that name files: any bytes the file system allows, so not held to UTF-8.
+PATH_ARGUMENTS = frozenset({"settings", "file", "dir", "warehouse"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     dels = commands.add_parser("deliveries", help="the outbox: deliveries, newest first")
     dels.add_argument("key", nargs="?")
     dels.add_argument("--status", choices=DELIVERY_STATUSES)
-    dels.add_argument("--limit", type=int, default=50)
+    dels.add_argument("--limit", type=_count(1, MAX_LIMIT), default=50)
     dels.add_argument("--json", action="store_true")
 
     again = commands.add_parser("retry", help="send failed deliveries again, and all owed now")
@@ -115,13 +125,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     hist = commands.add_parser("history", help="sync runs, newest first")
     hist.add_argument("key", nargs="?")
-    hist.add_argument("--limit", type=int, default=20)
+    hist.add_argument("--limit", type=_count(1, MAX_LIMIT), default=20)
     hist.add_argument("--json", action="store_true")
 
     demo = commands.add_parser("demo", help="a self-contained demo with a local receiver")
-    demo.add_argument("--dir", default="syncer-demo", help="where to put it (recreated)")
-    demo.add_argument("--users", type=int, default=2000)
+    where = demo.add_mutually_exclusive_group()
+    where.add_argument("--dir", default="syncer-demo", help="where to put it (recreated)")
+    where.add_argument(
+        "--warehouse",
+        metavar="PATH",
+        help="only write the demo warehouse (SQLite tables users and orders) to PATH, then stop",
+    )
+    demo.add_argument("--users", type=_count(10, MAX_DEMO_USERS), default=2000)
     return parser
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def count(text: str) -> int:
+        digits = text.strip()
+        if not re.fullmatch(r"[+-]?[0-9]+", digits, flags=re.ASCII):
+            raise argparse.ArgumentTypeError(f"{_shorten(text)!r} is not a whole number")
+        value = int(digits) if len(digits) <= 20 else None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{_shorten(digits)} is out of range: give a number from {low} to {high}"
+            )
+        return value
+
+    return count
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _schedule_args(parser: argparse.ArgumentParser) -> None:
@@ -131,25 +168,34 @@ def _schedule_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logs.configure(
         args.log_level or ("info" if args.command == "serve" else "warning"), args.log_format
     )
     try:
-        return _dispatch(args)
+        _check_text(parser, args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is noticed below
+        return code
+    except BrokenPipeError as exc:
+        if not _stdout_closed():
+            return _unexpected(exc)
+        # `syncer deliveries | head -3`: end quietly, as any Unix tool does. What is still
+        # buffered for stdout goes nowhere, so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
     except UsageError as exc:
         return _fail(EXIT_USAGE, str(exc))
     except SyncerError as exc:
         return _fail(EXIT_FAILED, str(exc))
     except SQLAlchemyError as exc:
         logger.debug("database error", exc_info=True)
-        orig = getattr(exc, "orig", None) or exc
-        return _fail(EXIT_FAILED, f"database error: {str(orig).strip().splitlines()[0]}")
+        return _fail(EXIT_FAILED, f"database error: {_first_line(exc)}")
     except KeyboardInterrupt:
         return _fail(130, "interrupted")
     except Exception as exc:
-        logger.debug("unexpected error", exc_info=True)
-        return _fail(EXIT_FAILED, f"unexpected error: {type(exc).__name__}: {exc}")
+        return _unexpected(exc)
 
 
 def _fail(code: int, message: str) -> int:
@@ -157,31 +203,183 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
+def _unexpected(exc: Exception) -> int:
+    """A bug, not bad input: one line, exit 1, the traceback only at ``--log-level debug``."""
+    logger.debug("unexpected error", exc_info=exc)
+    text = " ".join(str(exc).split())
+    return _fail(EXIT_FAILED, f"unexpected error: {type(exc).__name__}: {_shorten(text, 300)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (poll reports an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Names, keys, ids and SQL must be UTF-8 text. Bytes that are not arrive from the command
+    line as lone surrogates, which no database, JSON body or terminal takes: refuse them here,
+    once, before anything is read or written. (File names may be any bytes: not checked.)"""
+    names = _argument_names(parser)
+    for dest, value in vars(args).items():
+        if dest in PATH_ARGUMENTS:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and not _is_utf8(item):
+                raw = item.encode("utf-8", "surrogateescape" if _is_escaped(item) else "replace")
+                raise UsageError(
+                    f"argument {names.get(dest, dest)} is not valid UTF-8 text "
+                    f"({_shorten(repr(raw), 60)}); give names, keys, ids and SQL as UTF-8"
+                )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_escaped(text: str) -> bool:
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each argument's ``dest`` -> how ``--help`` names it (``--sql``, ``NAME``, ``USER_ID``)."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names.update(_argument_names(sub))
+        elif action.option_strings:
+            names.setdefault(action.dest, action.option_strings[-1])
+        else:
+            metavar = action.metavar if isinstance(action.metavar, str) else None
+            names.setdefault(action.dest, metavar or action.dest.upper())
+    return names
+
+
+def _load_settings(explicit: str | None) -> Settings:
+    try:
+        return load_settings(explicit)
+    except RecursionError:
+        raise ConfigError(
+            f"settings file {str(settings_path(explicit))!r} is nested too deeply; "
+            "keep its tables and arrays a few levels deep"
+        ) from None
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
-        from syncer.demo import run_demo
+        from syncer.demo import build_demo_warehouse, run_demo
 
+        if args.warehouse is not None:
+            build_demo_warehouse(args.warehouse, users=args.users, out=sys.stdout)
+            return EXIT_OK
         return run_demo(args.dir, users=args.users, out=sys.stdout)
-    settings = load_settings(args.settings)
+    settings = _load_settings(args.settings)
     if args.command == "db":
         db.upgrade(settings.database.url)
         print(f"state database is at the latest schema: {db.safe_url(settings.database.url)}")
         return EXIT_OK
     state = db.open_state(settings.database.url)
     try:
-        db.check_schema(state)
-        handler = {
-            "audience": _audience,
-            "sync": _sync,
-            "history": _history,
-            "serve": _serve,
-            "users": _users,
-            "deliveries": _deliveries,
-            "retry": _retry,
-        }[args.command]
-        return handler(args, state, settings)
+        with _state_database_problems(state):
+            db.check_schema(state)
+            if _writes(args):
+                db.check_writable(state)
+            if _runs_audience_sql(args):
+                for source in settings.sources.values():
+                    db.check_driver(source.url)
+            handler = {
+                "audience": _audience,
+                "sync": _sync,
+                "history": _history,
+                "serve": _serve,
+                "users": _users,
+                "deliveries": _deliveries,
+                "retry": _retry,
+            }[args.command]
+            return handler(args, state, settings)
     finally:
         state.dispose()
+
+
+def _writes(args: argparse.Namespace) -> bool:
+    """Whether the command may write to the state database (listings only read)."""
+    if args.command == "audience":
+        return args.audience_command not in {"list", "show"}
+    return args.command not in {"history", "deliveries"}
+
+
+def _runs_audience_sql(args: argparse.Namespace) -> bool:
+    if args.command == "audience":
+        return args.audience_command in {"create", "update"}
+    return args.command in {"sync", "serve"}
+
+
+@contextmanager
+def _state_database_problems(state: Engine) -> Iterator[None]:
+    """Database errors that are the operator's to fix (a file this user cannot write, a file
+    that is not a database, a role without grants, a read-only server) as bad settings:
+    exit 2. Anything else stays a database error (exit 1)."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        fix = _operator_fix(exc)
+        if fix is None:
+            raise
+        logger.debug("database error", exc_info=True)
+        raise ConfigError(
+            f"the state database {db.safe_url(state.url)}: {_first_line(exc)}; {fix}"
+        ) from None
+
+
+SQLITE_FIXES = {
+    "SQLITE_READONLY": "run syncer as a user who can write the file and its folder",
+    "SQLITE_CANTOPEN": "check that its folder exists and this user can write there",
+    "SQLITE_NOTADB": "point [database] url at a syncer state database or a new file",
+    "SQLITE_PERM": "run syncer as a user who can write the file and its folder",
+    "SQLITE_AUTH": "run syncer as a user who can write the file and its folder",
+}
+POSTGRES_FIXES = {
+    "42501": "grant the role of [database] url all privileges on syncer's tables",
+    "25006": "point [database] url at a primary server that takes writes",
+}
+MYSQL_FIXES = {
+    1044: "grant the user of [database] url all privileges on its database",
+    1142: "grant the user of [database] url all privileges on its database",
+    1227: "grant the user of [database] url all privileges on its database",
+    1290: "point [database] url at a server that takes writes",
+    1792: "point [database] url at a server that takes writes",
+}
+
+
+def _operator_fix(exc: SQLAlchemyError) -> str | None:
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, sqlite3.Error):
+        name = str(getattr(orig, "sqlite_errorname", ""))
+        return next((fix for code, fix in SQLITE_FIXES.items() if name.startswith(code)), None)
+    sqlstate = getattr(orig, "sqlstate", None)  # psycopg
+    if isinstance(sqlstate, str):
+        return POSTGRES_FIXES.get(sqlstate)
+    code = getattr(orig, "args", (None,))[:1]  # PyMySQL, mysqlclient: (errno, message)
+    return MYSQL_FIXES.get(code[0]) if code and isinstance(code[0], int) else None
 
 
 def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
@@ -201,7 +399,8 @@ def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> in
     if command == "list":
         views = audiences.list_all(state, include_deleted=args.all)
         if args.json:
-            _print_json([_audience_json(v, default_every) for v in views])
+            last = history.last_runs(state, [v.id for v in views])
+            _print_json([_audience_json(v, default_every, last.get(v.id)) for v in views])
         else:
             print(
                 history.format_table(
@@ -215,12 +414,14 @@ def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> in
         return EXIT_OK
     if command == "show":
         view = audiences.get(state, args.key, include_deleted=True)
-        data = _audience_json(view, default_every)
+        last_run = history.last_runs(state, [view.id]).get(view.id)
+        data = _audience_json(view, default_every, last_run)
         if args.json:
             _print_json(data)
-        else:
-            for name, value in data.items():
-                print(f"{name + ':':<12} {value}")
+            return EXIT_OK
+        data["last_run"] = "never" if last_run is None else _describe_last_run(last_run)
+        for name, value in data.items():
+            print(f"{name + ':':<12} {value}")
         return EXIT_OK
     if command == "update":
         schedule = None
@@ -245,8 +446,13 @@ def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> in
     return EXIT_OK
 
 
-def _audience_json(view: audiences.AudienceView, default_every: int) -> dict[str, Any]:
+def _audience_json(
+    view: audiences.AudienceView, default_every: int, last_run: history.LastRun | None
+) -> dict[str, Any]:
+    """The fields the console's API shows too: ``id`` is what Tray receives as
+    ``computation_id``; ``last_run`` is the newest run or null."""
     return {
+        "id": view.id,
         "key": view.key,
         "name": view.name,
         "status": view.status,
@@ -255,7 +461,13 @@ def _audience_json(view: audiences.AudienceView, default_every: int) -> dict[str
         "schedule": view.schedule.describe(default_every),
         "created_at": view.created_at.isoformat(),
         "updated_at": view.updated_at.isoformat(),
+        "last_run": None if last_run is None else last_run.as_json(),
     }
+
+
+def _describe_last_run(run: history.LastRun) -> str:
+    finished = run.finished_at.isoformat() if run.finished_at else "not finished"
+    return f"run {run.run_id} {run.status} ({finished})"
 
 
 def _sync(args: argparse.Namespace, state: Engine, settings: Settings) -> int:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, column, create_engine, event, inspect, table, update
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import NoSuchModuleError, OperationalError, SQLAlchemyError
 
@@ -42,6 +42,11 @@ def _engine(url: URL, **options: Any) -> Engine:
             f"unknown ({_first_line(exc)}); install its package (e.g. pip install "
             "'syncer[postgres]') or fix the URL"
         ) from None
+
+
+def check_driver(url: URL) -> None:
+    """ConfigError now, not at a run, when the driver of ``url`` is unknown or not installed."""
+    _engine(url).dispose()
 
 
 def create_state_engine(url: URL) -> Engine:
@@ -190,6 +195,16 @@ def check_schema(engine: Engine) -> None:
         raise ConfigError(
             f"the state database {safe_url(engine.url)} {what}; run: syncer db upgrade"
         )
+
+
+def check_writable(engine: Engine) -> None:
+    """Fail before any work when this process can only read the state database (a file its
+    user cannot write, a read-only server, a role without grants): a no-op update of
+    ``alembic_version``, rolled back. The database's error propagates as it is."""
+    version = table("alembic_version", column("version_num"))
+    with engine.connect() as conn, conn.begin() as transaction:
+        conn.execute(update(version).values(version_num=version.c.version_num))
+        transaction.rollback()
 
 
 def table_names(engine: Engine) -> set[str]:

@@ -155,15 +155,38 @@ def change_warehouse(path: Path, users: int, rng: random.Random) -> None:
 
 def _prepare(directory: str) -> Path:
     root = Path(directory).resolve()
-    if root.exists():
-        if not (root / MARKER).exists() and any(root.iterdir()):
-            raise UsageError(
-                f"{root} exists and is not a syncer demo folder; pick another with --dir"
-            )
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    (root / MARKER).write_text("made by syncer demo; removed and rebuilt on every run\n")
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--dir {root} is a file, not a folder; pick a folder with --dir")
+    try:
+        if root.exists():
+            if not (root / MARKER).exists() and any(root.iterdir()):
+                raise UsageError(
+                    f"{root} exists and is not a syncer demo folder; pick another with --dir"
+                )
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        (root / MARKER).write_text("made by syncer demo; removed and rebuilt on every run\n")
+    except OSError as exc:
+        raise UsageError(
+            f"cannot make the demo folder {root}: {exc.strerror or exc}; pick another with --dir"
+        ) from None
     return root
+
+
+def build_demo_warehouse(path: str, *, users: int, out: TextIO) -> None:
+    """Only the demo warehouse (SQLite tables ``users`` and ``orders``), at ``path``: something
+    to point ``[sources.default]`` at and try audiences on. Never overwrites a file."""
+    target = Path(path).resolve()
+    if target.exists():
+        raise UsageError(f"--warehouse {target} exists; remove it or pick another path")
+    if not target.parent.is_dir():
+        raise UsageError(f"--warehouse {target}: the folder {target.parent} does not exist")
+    try:
+        build_warehouse(target, users, random.Random(7))
+    except (OSError, sqlite3.Error) as exc:
+        target.unlink(missing_ok=True)
+        raise UsageError(f"cannot write the demo warehouse {target}: {exc}") from None
+    print(f"demo warehouse with {users} users and their orders: {target}", file=out)
 
 
 def run_demo(directory: str, *, users: int, out: TextIO) -> int:

@@ -7,6 +7,7 @@ and deliveries still owed after a failed attempt).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -47,6 +48,43 @@ class RunRecord:
             value = data[name]
             data[name] = value.isoformat().replace("+00:00", "Z") if value else None
         return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class LastRun:
+    """An audience's newest run, as listings show it (``audience list --json``, the console)."""
+
+    run_id: int
+    status: str
+    finished_at: datetime | None
+
+    def as_json(self) -> dict[str, Any]:
+        finished = self.finished_at
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "finished_at": finished.isoformat().replace("+00:00", "Z") if finished else None,
+        }
+
+
+def last_runs(engine: Engine, audience_ids: Sequence[int]) -> dict[int, LastRun]:
+    """The newest run of each of ``audience_ids`` (running ones included), in one query;
+    audiences that never ran are absent."""
+    if not audience_ids:
+        return {}
+    newest = (
+        select(func.max(SyncRun.id))
+        .where(SyncRun.audience_id.in_(audience_ids))
+        .group_by(SyncRun.audience_id)
+    )
+    query = select(SyncRun.audience_id, SyncRun.id, SyncRun.status, SyncRun.finished_at).where(
+        SyncRun.id.in_(newest)
+    )
+    with engine.connect() as conn:
+        return {
+            row.audience_id: LastRun(run_id=row.id, status=row.status, finished_at=row.finished_at)
+            for row in conn.execute(query)
+        }
 
 
 def runs(engine: Engine, key: str | None = None, *, limit: int = 20) -> list[RunRecord]:

@@ -49,14 +49,11 @@ D = DELIVERIES
 
 
 def read_user_ids(ids: Sequence[str], file: str | None) -> list[str]:
-    """User ids from the command line and/or a file (one a line); refuses blanks."""
+    """User ids from the command line and/or a UTF-8 file (one a line; a byte-order mark at its
+    start is not part of the first id); refuses blanks, NUL bytes and bytes that are not UTF-8."""
     found = list(ids)
     if file is not None:
-        try:
-            text = Path(file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read user ids from {file!r}: {exc}") from None
-        found.extend(line.strip() for line in text.splitlines() if line.strip())
+        found.extend(_ids_in_file(file))
     if not found:
         raise UsageError("give at least one user id, or --file with one id a line")
     for user_id in found:
@@ -65,6 +62,27 @@ def read_user_ids(ids: Sequence[str], file: str | None) -> list[str]:
         if len(user_id) > USER_ID_LENGTH:
             raise UsageError(f"a user id is longer than {USER_ID_LENGTH} characters")
     return list(dict.fromkeys(found))
+
+
+def _ids_in_file(file: str) -> list[str]:
+    try:
+        data = Path(file).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read user ids from {file!r}: {exc.strerror or exc}") from None
+    found = []
+    # Lines end at \n (or \r\n) only: str.splitlines() would also split an id at \x0c or U+2028.
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise UsageError(
+                f"{file}:{number}: not valid UTF-8 text; save the file as UTF-8"
+            ) from None
+        if "\x00" in line:
+            raise UsageError(f"{file}:{number}: a user id contains a NUL byte")
+        if line:
+            found.append(line)
+    return found
 
 
 def salt_of(conn: Connection) -> str:
