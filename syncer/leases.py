@@ -18,13 +18,14 @@ import os
 import secrets
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Column, Engine, Row, Table, delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from syncer.db import write_transaction
 from syncer.errors import LeaseHeldError
@@ -115,6 +116,9 @@ class Lease:
         self.token = token
         self.lost = threading.Event()
         self._stop = threading.Event()
+        # Until when the row surely holds (a monotonic time): renewals that keep failing past
+        # it mean another process may have taken the lease over by now.
+        self._held_until = time.monotonic() + kind.ttl.total_seconds()
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{key}", daemon=True)
         self._thread.start()
 
@@ -123,6 +127,7 @@ class Lease:
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.kind.renew_seconds):
+            started = time.monotonic()
             try:
                 with write_transaction(self.engine) as conn:
                     renewed = conn.execute(
@@ -131,19 +136,47 @@ class Lease:
                         .values(expires_at=datetime.now(UTC) + self.kind.ttl)
                     ).rowcount
             except Exception as exc:
-                logger.warning("could not renew the lease on %s: %s", self.key, exc)
-                continue
+                if time.monotonic() < self._held_until:
+                    logger.warning(
+                        "could not renew the lease on %s: %s", self.key, describe_error(exc)
+                    )
+                    continue
+                logger.error(
+                    "could not renew the lease on %s before it expired (%s): giving it up",
+                    self.key,
+                    describe_error(exc),
+                )
+                self.lost.set()
+                return
             if not renewed:
                 logger.error("lost the lease on %s to another process", self.key)
                 self.lost.set()
                 return
+            self._held_until = started + self.kind.ttl.total_seconds()
 
     def release(self) -> None:
+        """Give the lease back. If the database cannot be reached, the lease expires on its
+        own within its time to live: that is logged, not raised (the work it guarded is done)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        with write_transaction(self.engine) as conn:
-            conn.execute(delete(self.kind.table).where(self._mine()))
+        try:
+            with write_transaction(self.engine) as conn:
+                conn.execute(delete(self.kind.table).where(self._mine()))
+        except SQLAlchemyError as exc:
+            logger.warning(
+                "could not release the lease on %s (%s); it expires within %ds",
+                self.key,
+                describe_error(exc),
+                self.kind.ttl.total_seconds(),
+            )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A database error in one line, without statements or bound values."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {lines[0]}" if lines else type(orig).__name__
 
 
 def _take(kind: _Kind, engine: Engine, key: object, *, on_takeover: Any = None) -> Lease | Row[Any]:

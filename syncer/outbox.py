@@ -27,6 +27,7 @@ from syncer.models import (
     AudienceDestination,
     Destination,
 )
+from syncer.privacy import holds_deleted_user
 from syncer.settings import Settings
 
 D = DELIVERIES
@@ -104,8 +105,9 @@ def requeue_failed(engine: Engine, destination_ids: list[int], key: str | None =
 
     A failed value is never sent once something newer stands for that user and URL: a newer
     change, or the URL's backfill after it was removed and added back. Those become
-    superseded instead. (A failed delete is sent again by running ``users delete`` again: its
-    row keeps only the hash.)
+    superseded instead. A deleted user's identifies are never sent again: ``users delete``
+    keeps only the hash in them, and they stay failed. (A failed delete is sent again by
+    running ``users delete`` again: its row keeps only the hash.)
     """
     now = datetime.now(UTC)
     newer = aliased(D)
@@ -128,6 +130,7 @@ def requeue_failed(engine: Engine, destination_ids: list[int], key: str | None =
         D.c.kind == KIND_IDENTIFY,
         D.c.destination_id.in_(destination_ids),
         D.c.audience_id.in_(live.scalar_subquery()),
+        ~holds_deleted_user(D.c.user_id),
     )
     if key is not None:
         failed = and_(failed, D.c.audience_id == audiences.get(engine, key).id)

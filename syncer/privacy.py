@@ -19,7 +19,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, delete, func, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from syncer import leases, loops
@@ -85,6 +97,15 @@ def _ids_in_file(file: str) -> list[str]:
     return found
 
 
+def holds_deleted_user(user_id: ColumnElement[str]) -> ColumnElement[bool]:
+    """Whether a delivery's ``user_id`` is a deleted user's: ``users delete`` put the hash in
+    place of the id (whether or not the user was restored since). Such a row is never sent."""
+    return and_(
+        user_id.startswith(HASHED_PREFIX),
+        exists().where(USER_DELETIONS.c.user_hash == func.substr(user_id, len(HASHED_PREFIX) + 1)),
+    )
+
+
 def salt_of(conn: Connection) -> str:
     """The salt, once made (a suppression exists only after a deletion made it)."""
     value = conn.execute(
@@ -128,11 +149,12 @@ def delete_users(engine: Engine, user_ids: Iterable[str], destination_ids: Seque
     salt_value = salt(engine)
     ids = list(user_ids)
     queued = 0
-    with engine.connect() as conn:
-        audience_ids = list(conn.execute(select(AUDIENCES.c.id)).scalars())
     for start in range(0, len(ids), BATCH):
         with write_transaction(engine) as conn:
             lock_deletions(conn)
+            # Read under the lock: an audience whose first snapshot was committed since the
+            # last batch is purged too (snapshot commits take the same lock).
+            audience_ids = list(conn.execute(select(AUDIENCES.c.id)).scalars())
             for user_id in ids[start : start + BATCH]:
                 queued += _delete_one(
                     conn, user_id, user_hash(salt_value, user_id), audience_ids, destination_ids

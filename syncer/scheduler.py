@@ -10,6 +10,12 @@
   a new audience gets its initial sync at once.
 - No overlap: each run takes its audience's lease in the database; the scheduler only asks.
 - Owed deliveries are retried in the background, between the audiences' own runs.
+- One audience never stops the others: an audience whose schedule cannot be scheduled (a
+  stored value out of any clock's range, a cron that does not parse) is reported once and
+  skipped until its row changes; a job's failure is that job's (its run is ``failed``).
+- Leadership is kept only while this process schedules: when its scheduler breaks, or it
+  cannot read the audiences for ``LEADER_FAILING_SECONDS``, it gives the lease up so that a
+  standby takes over, and stands by itself for a while before it tries to lead again.
 - SIGTERM/SIGINT: no new run starts, in-flight deliveries finish (what is not sent stays owed)
   within ``[schedule] shutdown_grace``, then the process exits 0.
 """
@@ -32,7 +38,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, String, func, select, type_coerce
 
 from syncer import jobs, leases, workers
 from syncer.models import AUDIENCE_ACTIVE, AUDIENCES, SyncRun
@@ -45,6 +51,11 @@ STANDBY_POLL_SECONDS = 2.0
 RETRY_OWED_SECONDS = 15
 RUN_WORKERS = 4
 RETRY_JOB_ID = "retry-owed-deliveries"
+# A leader that cannot read the audiences this long (seconds) is not scheduling: it steps down.
+LEADER_FAILING_SECONDS = 30.0
+# After stepping down, this long (seconds) to stand by before trying to lead again: a standby
+# takes the lease over first.
+STEP_DOWN_SECONDS = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,13 +64,36 @@ class Plan:
 
     audience_id: int
     key: str
-    every_seconds: int | None
+    every_seconds: int | None  # as stored: checked when it is scheduled
     cron: str | None
-    updated_at: datetime
+    updated_at: object  # as the driver gives it: compared only, so a mangled one is no error
 
 
 def audience_job_id(audience_id: int) -> str:
     return f"audience-{audience_id}"
+
+
+class UnschedulableError(Exception):
+    """An audience's stored schedule cannot be turned into runs."""
+
+
+class GuardedScheduler(BackgroundScheduler):  # type: ignore[misc]  # APScheduler is untyped
+    """APScheduler's background scheduler, whose thread does not die of an error.
+
+    APScheduler 3 computes the next run of each due job in its own thread, and an exception
+    there ends that thread silently: nothing runs again, the background retry included. Here
+    the failure is kept in ``failure`` instead, for the leader to see and step down.
+    """
+
+    failure: str | None = None
+
+    def _process_jobs(self) -> float | None:
+        try:
+            wait: float | None = super()._process_jobs()
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            return None  # wait to be shut down
+        return wait
 
 
 class Service:
@@ -82,8 +116,20 @@ class Service:
         )
         logger.info("syncer serve started (pid %d)", os.getpid())
         standing_by = False
+        unreachable = False
         while not self.stopping.is_set():
-            lease = leases.try_lead(self.state)
+            try:
+                lease = leases.try_lead(self.state)
+            except Exception as exc:
+                if not unreachable:
+                    logger.warning(
+                        "cannot reach the state database (%s); trying again",
+                        leases.describe_error(exc),
+                    )
+                    unreachable = True
+                self.stopping.wait(STANDBY_POLL_SECONDS)
+                continue
+            unreachable = False
             if lease is None:
                 if not standing_by:
                     holder = leases.leader(self.state)
@@ -98,10 +144,12 @@ class Service:
             standing_by = False
             logger.info("leading: this process schedules the audiences")
             try:
-                self._lead(lease)
+                functioning = self._lead(lease)
             finally:
                 if not lease.lost.is_set():
                     lease.release()
+            if not functioning:
+                self.stopping.wait(STEP_DOWN_SECONDS)
         logger.info("syncer serve stopped")
         return 0
 
@@ -116,8 +164,10 @@ class Service:
 
     # -- leading ------------------------------------------------------------------------
 
-    def _lead(self, lease: leases.Lease) -> None:
-        scheduler = BackgroundScheduler(
+    def _lead(self, lease: leases.Lease) -> bool:
+        """Schedule until stopped, the lease lost, or this leader no longer functions (then
+        False: the caller gives the lease up for a standby to take)."""
+        scheduler = GuardedScheduler(
             timezone=self.timezone,
             executors={"default": ThreadPoolExecutor(RUN_WORKERS)},
             job_defaults={
@@ -130,24 +180,54 @@ class Service:
             self._count_jobs, EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR
         )
         scheduler.start()
-        scheduler.add_job(
-            "syncer.jobs:retry_owed",
-            IntervalTrigger(seconds=RETRY_OWED_SECONDS, timezone=self.timezone),
-            id=RETRY_JOB_ID,
-            name="retry owed deliveries",
-            replace_existing=True,
-        )
         plans: dict[int, Plan] = {}
+        unschedulable: dict[int, Plan] = {}  # reported once; tried again when the row changes
+        reconciled = time.monotonic()
+        failing: str | None = None
         try:
             while not self.stopping.is_set() and not lease.lost.is_set():
+                if scheduler.failure is not None:
+                    logger.error(
+                        "the scheduler stopped working (%s); giving up leadership so that "
+                        "another syncer serve takes over",
+                        scheduler.failure,
+                    )
+                    return False
                 try:
-                    self._reconcile(scheduler, plans)
-                except Exception:
-                    logger.exception("could not read the audiences; trying again")
+                    self._ensure_retry_job(scheduler)
+                    self._reconcile(scheduler, plans, unschedulable)
+                except Exception as exc:
+                    if failing is None:
+                        failing = leases.describe_error(exc)
+                        logger.warning("could not read the audiences (%s); trying again", failing)
+                    if time.monotonic() - reconciled >= LEADER_FAILING_SECONDS:
+                        logger.error(
+                            "could not read the audiences for %ds (%s); giving up leadership "
+                            "so that another syncer serve takes over",
+                            LEADER_FAILING_SECONDS,
+                            leases.describe_error(exc),
+                        )
+                        return False
+                else:
+                    if failing is not None:
+                        logger.info("reading the audiences again")
+                    failing = None
+                    reconciled = time.monotonic()
                 self.stopping.wait(RECONCILE_SECONDS)
+            return True
         finally:
             scheduler.shutdown(wait=False)
             self._drain(lease)
+
+    def _ensure_retry_job(self, scheduler: BackgroundScheduler) -> None:
+        if scheduler.get_job(RETRY_JOB_ID) is None:
+            scheduler.add_job(
+                "syncer.jobs:retry_owed",
+                IntervalTrigger(seconds=RETRY_OWED_SECONDS, timezone=self.timezone),
+                id=RETRY_JOB_ID,
+                name="retry owed deliveries",
+                replace_existing=True,
+            )
 
     def _count_jobs(self, event: JobEvent) -> None:
         with self._in_flight_lock:
@@ -174,8 +254,16 @@ class Service:
             logging.shutdown()
             os._exit(0)
 
-    def _reconcile(self, scheduler: BackgroundScheduler, plans: dict[int, Plan]) -> None:
-        """Make the scheduler's jobs match the active audiences."""
+    def _reconcile(
+        self,
+        scheduler: BackgroundScheduler,
+        plans: dict[int, Plan],
+        unschedulable: dict[int, Plan],
+    ) -> None:
+        """Make the scheduler's jobs match the active audiences.
+
+        An audience whose plan cannot be scheduled is reported once and left out (any job it
+        had is removed) until its row changes; the others are scheduled all the same."""
         with self.state.connect() as conn:
             rows = conn.execute(
                 select(
@@ -183,7 +271,7 @@ class Service:
                     AUDIENCES.c.key,
                     AUDIENCES.c.every_seconds,
                     AUDIENCES.c.cron,
-                    AUDIENCES.c.updated_at,
+                    type_coerce(AUDIENCES.c.updated_at, String).label("updated_at"),
                 ).where(AUDIENCES.c.status == AUDIENCE_ACTIVE)
             ).all()
         wanted = {
@@ -196,23 +284,48 @@ class Service:
             )
             for row in rows
         }
+        for audience_id in set(unschedulable) - set(wanted):
+            del unschedulable[audience_id]
         for audience_id in set(plans) - set(wanted):
-            if scheduler.get_job(audience_job_id(audience_id)):
-                scheduler.remove_job(audience_job_id(audience_id))
+            self._remove_job(scheduler, audience_id)
             logger.info("unscheduled audience %s", plans.pop(audience_id).key)
-        for audience_id, plan in wanted.items():
-            if plans.get(audience_id) == plan:
+        changed = [
+            plan
+            for audience_id, plan in wanted.items()
+            if plans.get(audience_id) != plan and unschedulable.get(audience_id) != plan
+        ]
+        if not changed:
+            return
+        last_started = self._last_started([plan.audience_id for plan in changed])
+        for plan in changed:
+            audience_id = plan.audience_id
+            try:
+                trigger, first = self._trigger(plan, last_started.get(audience_id))
+                scheduler.add_job(
+                    "syncer.jobs:run_audience",
+                    trigger,
+                    args=[audience_id],
+                    id=audience_job_id(audience_id),
+                    name=plan.key,
+                    replace_existing=True,
+                    next_run_time=first,
+                )
+            except Exception as exc:
+                plans.pop(audience_id, None)
+                self._remove_job(scheduler, audience_id)
+                unschedulable[audience_id] = plan
+                logger.error(
+                    "audience %s cannot be scheduled (%s); the other audiences run, and it is "
+                    "tried again once its schedule is changed (syncer audience update %s "
+                    "--every D | --cron C)",
+                    plan.key,
+                    f"{type(exc).__name__}: {exc}"
+                    if not isinstance(exc, UnschedulableError)
+                    else exc,
+                    plan.key,
+                )
                 continue
-            trigger, first = self._trigger(plan)
-            scheduler.add_job(
-                "syncer.jobs:run_audience",
-                trigger,
-                args=[audience_id],
-                id=audience_job_id(audience_id),
-                name=plan.key,
-                replace_existing=True,
-                next_run_time=first,
-            )
+            unschedulable.pop(audience_id, None)
             plans[audience_id] = plan
             logger.info(
                 "scheduled audience %s (%s), next run %s",
@@ -221,31 +334,51 @@ class Service:
                 first.isoformat(),
             )
 
+    @staticmethod
+    def _remove_job(scheduler: BackgroundScheduler, audience_id: int) -> None:
+        if scheduler.get_job(audience_job_id(audience_id)):
+            scheduler.remove_job(audience_job_id(audience_id))
+
     def _every(self, plan: Plan) -> int:
         return plan.every_seconds or self.settings.schedule.default_every_seconds
 
-    def _trigger(self, plan: Plan) -> tuple[Any, datetime]:
-        """The trigger, and the first run: now if never run or a slot was missed."""
-        now = datetime.now(self.timezone)
-        last = self._last_started(plan.audience_id)
-        if plan.cron:
-            cron = CronTrigger.from_crontab(plan.cron, timezone=self.timezone)
-            if last is None:
-                return cron, now
-            due = cron.get_next_fire_time(None, last.astimezone(self.timezone))
-            return cron, now if due is None or due <= now else due
-        every = timedelta(seconds=self._every(plan))
-        first = now if last is None else max(now, last.astimezone(self.timezone) + every)
-        return IntervalTrigger(
-            seconds=self._every(plan), start_date=first, timezone=self.timezone
-        ), first
+    def _trigger(self, plan: Plan, last: datetime | None) -> tuple[Any, datetime]:
+        """The trigger, and the first run: now if never run or a slot was missed.
 
-    def _last_started(self, audience_id: int) -> datetime | None:
+        Raises if the plan cannot be scheduled, including when the run after the first could
+        not be computed: APScheduler computes it in its own thread, where an error stops
+        every job."""
+        now = datetime.now(self.timezone)
+        trigger: Any
+        if plan.cron:
+            trigger = CronTrigger.from_crontab(plan.cron, timezone=self.timezone)
+            due = (
+                None
+                if last is None
+                else trigger.get_next_fire_time(None, last.astimezone(self.timezone))
+            )
+            first = now if due is None or due <= now else due
+        else:
+            seconds = self._every(plan)
+            if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds <= 0:
+                raise UnschedulableError(f"every_seconds = {seconds!r} is not a positive integer")
+            every = timedelta(seconds=seconds)
+            first = now if last is None else max(now, last.astimezone(self.timezone) + every)
+            trigger = IntervalTrigger(seconds=seconds, start_date=first, timezone=self.timezone)
+        following = trigger.get_next_fire_time(first, first)
+        if following is not None and following <= first:
+            raise UnschedulableError(f"its run after {first.isoformat()} comes before it")
+        return trigger, first
+
+    def _last_started(self, audience_ids: list[int]) -> dict[int, datetime]:
+        """When each audience's latest run started (those that ever ran)."""
         with self.state.connect() as conn:
-            last: datetime | None = conn.execute(
-                select(func.max(SyncRun.started_at)).where(SyncRun.audience_id == audience_id)
-            ).scalar()
-        return last
+            rows = conn.execute(
+                select(SyncRun.audience_id, func.max(SyncRun.started_at))
+                .where(SyncRun.audience_id.in_(audience_ids))
+                .group_by(SyncRun.audience_id)
+            ).all()
+        return {int(audience_id): started for audience_id, started in rows if started is not None}
 
 
 def serve(settings: Settings, state: Engine) -> int:

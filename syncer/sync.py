@@ -20,8 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 
 from syncer import audiences, diff, leases, loops
 from syncer.audiences import AudienceView
@@ -34,7 +35,7 @@ from syncer.delivery import (
     deliver_audience,
     register_destinations,
 )
-from syncer.errors import LeaseHeldError, SourceError, UsageError
+from syncer.errors import LeaseHeldError, SyncerError
 from syncer.models import (
     AUDIENCE_ACTIVE,
     AUDIENCE_DELETED,
@@ -48,12 +49,13 @@ from syncer.models import (
     SyncRun,
 )
 from syncer.settings import Settings
-from syncer.sources import open_source
+from syncer.sources import describe_db_error, open_source
 
 logger = logging.getLogger(__name__)
 
 RUN_SKIPPED = "skipped"  # reported, never stored: another process holds the lease
 WAIT_POLL_SECONDS = 1.0
+ERROR_LENGTH = 500  # a run's error, as history shows it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +84,9 @@ def sync_audiences(
 ) -> list[RunResult]:
     """Run the given audiences (default: every active one), one after another.
 
-    An audience another process is running is skipped, or with ``wait`` waited for.
+    An audience another process is running is skipped, or with ``wait`` waited for. One
+    audience's failure (its source, the state database, a bug) is that audience's run
+    failing: the loop goes on with the next one.
     """
     settings.tray.require_urls()
     views = (
@@ -94,7 +98,17 @@ def sync_audiences(
     results = []
     for view in views:
         progress = progress_for(view.key) if progress_for else None
-        results.append(run_audience(state, settings, view, progress=progress, wait=wait))
+        try:
+            result = run_audience(state, settings, view, progress=progress, wait=wait)
+        except Exception as exc:
+            # Before its run could even be opened (the lease, the destinations): nothing of
+            # it is in history, so the result says why.
+            error = run_error_text(exc, settings)
+            logger.error("audience %s could not be run: %s", view.key, error)
+            result = RunResult(
+                run_id=None, audience_key=view.key, kind=None, status=RUN_FAILED, error=error
+            )
+        results.append(result)
     return results
 
 
@@ -174,20 +188,24 @@ def _run_leased(
                 stop=stop,
             )
         )
-    except (SourceError, UsageError) as exc:
-        # The definition no longer runs on its source (a table dropped, a column added):
-        # this audience's run fails, the others go on.
-        finish_run(state, run_id, RUN_FAILED, error=str(exc))
+    except Exception as exc:
+        # The definition no longer runs on its source (a table dropped, a column added), the
+        # state database refused something of this audience, or a bug: this audience's run
+        # fails, with its error in history; the others go on.
+        failure = run_error_text(exc, settings)
+        if not isinstance(exc, SyncerError):
+            logger.debug("audience %s: run %d failed", audience.key, run_id, exc_info=True)
+        finish_run(state, run_id, RUN_FAILED, error=failure)
         return RunResult(
             run_id=run_id,
             audience_key=audience.key,
             kind=kind,
             status=RUN_FAILED,
-            error=str(exc),
+            error=failure,
             seconds=time.monotonic() - started,
         )
-    except BaseException as exc:
-        finish_run(state, run_id, RUN_FAILED, error=f"{type(exc).__name__}: {exc}"[:500])
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit: recorded, then on their way
+        finish_run(state, run_id, RUN_FAILED, error=run_error_text(exc, settings))
         raise
     error = _delivery_error(totals)
     if totals.not_delivered == 0:
@@ -242,12 +260,27 @@ def evaluate_and_commit(
                     staged=staged,
                     diff=changes,
                 )
-            finally:
-                diff.reset_temp_tables(conn)
+            except BaseException:
+                _discard(conn)
+                raise
+            diff.reset_temp_tables(conn)
     finally:
         if source is not None:
             source.engine.dispose()
     return staged, changes
+
+
+def _discard(conn: Connection) -> None:
+    """After a failure: roll back what the connection was doing (on PostgreSQL a failed
+    statement poisons its transaction) and drop its temporary tables. If even that fails, the
+    connection is thrown away instead of going back to the pool: the next user of the pool
+    must get a clean one, and the failure reported is the first one."""
+    try:
+        conn.rollback()
+        diff.reset_temp_tables(conn)
+    except Exception as exc:
+        logger.warning("discarding a state database connection after a failed run: %s", exc)
+        conn.invalidate()
 
 
 def retire_audience(
@@ -261,13 +294,29 @@ def retire_audience(
     audience still owed is cancelled.
     """
     view = audiences.get(state, key, include_deleted=unset)
+    if unset:
+        settings.tray.require_urls()  # refused before anything is changed
     if view.status != AUDIENCE_DELETED:
         audiences.set_status(state, key, AUDIENCE_DELETED)
     if not unset:
         audiences.cancel_owed(state, view.id)
         return None
-    settings.tray.require_urls()
     return run_audience(state, settings, view, wait=wait, retiring=True)
+
+
+def run_error_text(exc: BaseException, settings: Settings) -> str:
+    """A failed run's error as history shows it: one line, the database's own message without
+    statements or bound values, workflow URLs as their hosts."""
+    if isinstance(exc, SyncerError):
+        text = str(exc)
+    elif (orig := getattr(exc, "orig", None)) is not None:  # SQLAlchemy's wrapper of a driver's
+        text = f"{type(orig).__name__}: {describe_db_error(exc)}"
+    else:
+        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    for url in settings.tray.workflow_urls:
+        text = text.replace(url, urlsplit(url).hostname or "?")
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:ERROR_LENGTH]
 
 
 def _delivery_error(totals: DeliveryTotals) -> str | None:
