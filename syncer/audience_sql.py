@@ -103,6 +103,8 @@ def embeddable(sql: str, sqlalchemy_dialect: str) -> str:
         raise AudienceError(f"the audience SQL is not a query; give {QUERY_ROOT}")
     if dialect == "mysql":
         _refuse_live_comments(tokens)
+        if any(isinstance(node, exp.Hint) for node in tree.walk()):
+            raise _live_comment()
     _refuse_semicolons_inside(tokens, meaningful)
     return sql[meaningful[0].start : meaningful[-1].end + 1]
 
@@ -122,10 +124,14 @@ def _refuse_live_comments(tokens: list[Token]) -> None:
     for token in tokens:
         for comment in token.comments:
             if comment.lstrip().startswith(_MYSQL_LIVE_COMMENTS):
-                raise AudienceError(
-                    "the audience SQL holds a MySQL executable comment or optimizer hint "
-                    "(/*! … */, /*+ … */), which the server runs; remove it"
-                )
+                raise _live_comment()
+
+
+def _live_comment() -> AudienceError:
+    return AudienceError(
+        "the audience SQL holds a MySQL executable comment or optimizer hint "
+        "(/*! … */, /*+ … */), which the server runs; remove it"
+    )
 
 
 def _refuse_semicolons_inside(tokens: list[Token], meaningful: list[Token]) -> None:

@@ -693,7 +693,8 @@ def describe_db_error(exc: BaseException) -> str:
     message = str(orig).strip()
     if "interrupted" in message.lower() and isinstance(orig, sqlite3.OperationalError):
         return "the query ran past the source's query_timeout_seconds"
-    if "not authorized" in message.lower() and isinstance(orig, sqlite3.DatabaseError):
+    denied = ("not authorized", "is prohibited")
+    if isinstance(orig, sqlite3.DatabaseError) and any(d in message.lower() for d in denied):
         return f"{message.splitlines()[0]}: audience SQL may read data tables only"
     return message.splitlines()[0] if message else type(orig).__name__
 
