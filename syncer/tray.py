@@ -267,7 +267,8 @@ class TrayClient:
                 async with asyncio.timeout(self._timeout_seconds):
                     response = await self._exchange(request)
             else:
-                response = await self._exchange(request)
+                # syncer's transport hands over the whole answer, its body read and capped.
+                response = await self._transport.handle_async_request(request)
         except TimeoutError:  # asyncio.timeout's
             raise TransientDeliveryError(
                 f"timeout: no complete answer within {self._timeout_seconds:g} s"
@@ -296,8 +297,8 @@ class TrayClient:
         raise PermanentDeliveryError(reason, status_code=status)
 
     async def _exchange(self, request: httpx.Request) -> httpx.Response:
-        """One request and its answer, whose body is drained (only the status and headers are
-        used) up to ``MAX_ANSWER_BYTES``."""
+        """One request through httpx's transport and its answer, whose body is drained (only
+        the status and headers are used) up to ``MAX_ANSWER_BYTES``."""
         response = await self._transport.handle_async_request(request)
         try:
             size = 0
