@@ -7,49 +7,18 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
-from tests.helpers import TEST_SECRET
+from tests.helpers import PG_DATABASE_PREFIX, TEST_SECRET, postgres_database
 from tests.receiver import Receiver
-
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-PG_URL_TEMPLATE = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-PG_DATABASE_PREFIX = "syncer_t_"
-
-
-def _pg_admin() -> psycopg.Connection[tuple[object, ...]]:
-    try:
-        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        problem = " ".join(str(exc).split())
-    # outside the except block, so the report is one message, not a chained traceback
-    pytest.fail(
-        f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({problem}); "
-        "start it with trust auth for user postgres on 127.0.0.1:5432",
-        pytrace=False,
-    )
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for this test, dropped afterwards."""
-    name = f"{PG_DATABASE_PREFIX}{secrets.token_hex(6)}"
-    with _pg_admin() as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield PG_URL_TEMPLATE.format(name=name)
-    finally:
-        with _pg_admin() as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    """A fresh, empty PostgreSQL database for this test, owned by the ordinary role PG_ROLE and
+    reached as it (tests.helpers: PostgreSQL); dropped afterwards."""
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

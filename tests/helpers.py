@@ -6,14 +6,19 @@ import contextlib
 import itertools
 import json
 import os
+import secrets
 import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret"  # the secret the `receiver` fixture checks signatures with
@@ -249,3 +254,104 @@ def gone(pid: int) -> bool:
     except OSError:
         return True
     return state[state.rindex(")") + 2] == "Z"  # a zombie sends nothing
+
+
+# PostgreSQL ------------------------------------------------------------------------------------
+# Tests reach PostgreSQL as operators run syncer: as an ordinary role. Each test database is
+# created by the superuser (PG_ADMIN_URL) and OWNED by PG_ROLE, which can log in and nothing
+# more (no superuser, CREATEDB, CREATEROLE, REPLICATION or BYPASSRLS; no pg_* role). As the
+# database owner it owns schema ``public`` (PostgreSQL 15: ``pg_database_owner``), so migrations
+# and tests create their tables there. Trust auth on 127.0.0.1: no passwords.
+# A test that genuinely needs a superuser (to create roles, or to prove that a superuser source
+# is refused) connects with ``pg_database_url(name, role=PG_ADMIN_ROLE)`` or ``pg_admin()``.
+
+PG_HOST = "127.0.0.1"
+PG_PORT = 5432
+PG_ADMIN_ROLE = "postgres"
+PG_ADMIN_URL = f"postgresql://{PG_ADMIN_ROLE}@{PG_HOST}:{PG_PORT}/postgres"  # a libpq DSN
+PG_ROLE = "syncer_test"
+PG_DATABASE_PREFIX = "syncer_t_"
+# Roles are cluster-wide: every pytest-xdist worker creates PG_ROLE under this advisory lock.
+_PG_ROLE_LOCK = 0x5359_4E43_4552  # "SYNCER"
+
+_pg_role_ready = False
+
+
+def pg_database_url(name: str, *, role: str = PG_ROLE) -> str:
+    """The SQLAlchemy URL of database ``name`` as ``role`` (PG_ROLE unless told otherwise)."""
+    return f"postgresql+psycopg://{role}@{PG_HOST}:{PG_PORT}/{name}"
+
+
+def pg_admin() -> psycopg.Connection[tuple[Any, ...]]:
+    """An autocommit connection as the superuser; fails the test (no traceback) when
+    PostgreSQL is not reachable."""
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        problem = " ".join(str(exc).split())
+    # outside the except block, so the report is one message, not a chained traceback
+    pytest.fail(
+        f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({problem}); "
+        f"start it with trust auth on {PG_HOST}:{PG_PORT}",
+        pytrace=False,
+    )
+
+
+def ensure_pg_role() -> None:
+    """Create PG_ROLE once per cluster (idempotent, safe when several workers start at once)
+    and make sure it holds no privilege beyond logging in."""
+    global _pg_role_ready
+    if _pg_role_ready:
+        return
+    role = sql.Identifier(PG_ROLE)
+    with pg_admin() as admin, admin.transaction():
+        admin.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_ROLE_LOCK,))
+        exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PG_ROLE,)).fetchone()
+        if exists is None:
+            admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
+        admin.execute(
+            sql.SQL(
+                "ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+            ).format(role)
+        )
+        granted = admin.execute(
+            "SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+            "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = %s",
+            (PG_ROLE,),
+        ).fetchall()
+        for (group,) in granted:
+            admin.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(group), role))
+    _pg_role_ready = True
+
+
+def create_pg_database(name: str | None = None, *, template: str | None = None) -> str:
+    """Create a database owned by PG_ROLE (a fresh random name unless given; a copy of
+    ``template`` when given) and return its name."""
+    ensure_pg_role()
+    name = name or f"{PG_DATABASE_PREFIX}{secrets.token_hex(6)}"
+    statement = sql.SQL("CREATE DATABASE {} OWNER {}").format(
+        sql.Identifier(name), sql.Identifier(PG_ROLE)
+    )
+    if template is not None:
+        statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+    with pg_admin() as admin:
+        admin.execute(statement)
+    return name
+
+
+def drop_pg_database(name: str) -> None:
+    """Drop database ``name`` (if it exists), cutting its connections."""
+    with pg_admin() as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str = PG_DATABASE_PREFIX) -> Iterator[str]:
+    """A fresh database owned by PG_ROLE; yields its URL as PG_ROLE, drops it afterwards."""
+    name = create_pg_database(f"{prefix}{secrets.token_hex(6)}")
+    try:
+        yield pg_database_url(name)
+    finally:
+        drop_pg_database(name)

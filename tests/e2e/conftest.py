@@ -4,18 +4,14 @@ that a command wrote nothing (or leaked nothing)."""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql
 from sqlalchemy import create_engine, inspect, text
 
 from tests.helpers import make_warehouse, run_cli, write_settings
@@ -23,9 +19,6 @@ from tests.receiver import Receiver
 
 SECRET_ENV = "TRAY_SHARED_SECRET"
 SECRET = "sup3r-s3cret-value"  # never to be seen in any output or any table
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-PG_URL_TEMPLATE = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-PG_DATABASE_PREFIX = "syncer_t_"
 
 Dump = dict[str, list[str]]
 
@@ -141,25 +134,3 @@ def project_factory(tmp_path: Path) -> Callable[..., Project]:
         return new_project(tmp_path / f"p{next(serial)}", state_url, users, **settings)
 
     return make
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database (for fixtures wider than one test); dropped afterwards."""
-    name = f"{PG_DATABASE_PREFIX}{secrets.token_hex(6)}"
-    problem = None
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        problem = " ".join(str(exc).split())
-    if problem is not None:  # outside the except block: one message, not a chained traceback
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({problem})", pytrace=False)
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield PG_URL_TEMPLATE.format(name=name)
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )

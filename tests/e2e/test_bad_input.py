@@ -19,17 +19,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from tests.e2e.conftest import (
-    PG_ADMIN_URL,
-    PG_URL_TEMPLATE,
-    Dump,
-    Project,
-    assert_usage_error,
-    new_project,
-    postgres_database,
-)
+from tests.e2e.conftest import Dump, Project, assert_usage_error, new_project
+from tests.helpers import create_pg_database, drop_pg_database, pg_database_url, postgres_database
 
 USERS = ["u1", "u2", "u3", "u4", "u5"]
 GOOD_URL = "http://127.0.0.1:9/never-called"
@@ -244,24 +236,15 @@ def postgres_outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
 
         def make_copy(case: Case) -> Project:
             copy = f"{name}_{len(copies)}"
-            statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(copy))
-            if not case.empty_state:
-                statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(name))
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-                admin.execute(statement)
+            create_pg_database(copy, template=None if case.empty_state else name)
             copies.append(copy)
-            return _postgres_project(root / case.id, PG_URL_TEMPLATE.format(name=copy))
+            return _postgres_project(root / case.id, pg_database_url(copy))
 
         try:
             yield Bed(make_copy).run_all(POSTGRES_CASES)
         finally:
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-                for copy in copies:
-                    admin.execute(
-                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                            sql.Identifier(copy)
-                        )
-                    )
+            for copy in copies:
+                drop_pg_database(copy)
 
 
 def _check(outcome: Outcome, case: Case) -> None:

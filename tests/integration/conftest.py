@@ -9,15 +9,12 @@ that uses it runs on SQLite and on PostgreSQL) and the source is a SQLite wareho
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql as pgsql
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -26,11 +23,14 @@ from syncer import audiences
 from syncer.audiences import AudienceView
 from syncer.settings import Settings, load_settings
 from syncer.sync import RunResult, sync_audiences
-from tests.helpers import TEST_SECRET, make_warehouse, write_settings
+from tests.helpers import (
+    PG_DATABASE_PREFIX,
+    TEST_SECRET,
+    make_warehouse,
+    postgres_database,
+    write_settings,
+)
 from tests.receiver import Receiver
-
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-PG_URL_TEMPLATE = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 WAREHOUSE = "warehouse"  # a SQLite file of its own
 SAME = "same"  # the state database itself
@@ -42,17 +42,10 @@ DEFAULT_SQL = "SELECT user_id FROM users"
 
 @pytest.fixture
 def source_pg_url() -> Iterator[str]:
-    """A second fresh PostgreSQL database, for a source apart from the state database."""
-    name = f"syncer_t_src_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
-    try:
-        yield PG_URL_TEMPLATE.format(name=name)
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(
-                pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name))
-            )
+    """A second fresh PostgreSQL database (owned by and reached as the ordinary role PG_ROLE),
+    for a source apart from the state database."""
+    with postgres_database(f"{PG_DATABASE_PREFIX}src_") as url:
+        yield url
 
 
 @dataclass(frozen=True, kw_only=True)
