@@ -27,6 +27,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import FrameType
@@ -300,7 +301,7 @@ class Service:
         for plan in changed:
             audience_id = plan.audience_id
             try:
-                trigger, first = self._trigger(plan, last_started.get(audience_id))
+                trigger, first = self._trigger(plan, last_started)
                 scheduler.add_job(
                     "syncer.jobs:run_audience",
                     trigger,
@@ -342,12 +343,18 @@ class Service:
     def _every(self, plan: Plan) -> int:
         return plan.every_seconds or self.settings.schedule.default_every_seconds
 
-    def _trigger(self, plan: Plan, last: datetime | None) -> tuple[Any, datetime]:
+    def _trigger(
+        self, plan: Plan, last_started: Mapping[int, datetime] | None = None
+    ) -> tuple[Any, datetime]:
         """The trigger, and the first run: now if never run or a slot was missed.
 
-        Raises if the plan cannot be scheduled, including when the run after the first could
-        not be computed: APScheduler computes it in its own thread, where an error stops
-        every job."""
+        ``last_started``: when audiences last ran, read beforehand (a database error is no
+        fault of the plan); read here if not given. Raises if the plan cannot be scheduled,
+        including when the run after the first could not be computed: APScheduler computes
+        it in its own thread, where an error stops every job."""
+        if last_started is None:
+            last_started = self._last_started([plan.audience_id])
+        last = last_started.get(plan.audience_id)
         now = datetime.now(self.timezone)
         trigger: Any
         if plan.cron:
