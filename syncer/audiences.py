@@ -29,6 +29,8 @@ from syncer.models import (
 )
 from syncer.settings import (
     DEFAULT_SOURCE,
+    MAX_EVERY_SECONDS,
+    MIN_EVERY_SECONDS,
     Settings,
     format_duration,
     parse_duration,
@@ -64,7 +66,11 @@ def parse_schedule(every: str | None, cron: str | None) -> Schedule:
         raise AudienceError("give either --every or --cron, not both")
     try:
         if every is not None:
-            return Schedule(every_seconds=parse_duration(every, what="--every"))
+            return Schedule(
+                every_seconds=parse_duration(
+                    every, what="--every", at_least=MIN_EVERY_SECONDS, at_most=MAX_EVERY_SECONDS
+                )
+            )
         if cron is not None:
             return Schedule(cron=validate_cron(cron, what="--cron"))
     except ConfigError as exc:

@@ -6,17 +6,23 @@ expanded here, and secrets are wrapped in :class:`Secret` whose repr hides them.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import math
 import os
 import re
 import tomllib
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import idna
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -40,9 +46,41 @@ DEFAULT_SHUTDOWN_GRACE = "30s"
 DEFAULT_QUERY_TIMEOUT_SECONDS = 300.0
 MAX_WORKFLOW_URLS = 10
 
+# Bounds of every number and duration in settings.toml and on the command line (--every,
+# --cron), checked at start: a value past them is bad input (exit 2), never a hang, an
+# overflow or a task per sender later on.
+DAY = 86400
+MIN_EVERY_SECONDS, MAX_EVERY_SECONDS = 1, 366 * DAY  # default_every, --every
+CRON_MUST_FIRE_WITHIN_DAYS = 5 * 366  # a cron line's next run: at most ~5 years away
+MAX_CRON_LENGTH = 100  # audiences.cron is a String(100)
+MIN_MAX_AGE_SECONDS, MAX_MAX_AGE_SECONDS = 1, 30 * DAY
+MIN_SHUTDOWN_GRACE_SECONDS, MAX_SHUTDOWN_GRACE_SECONDS = 1, 3600
+MIN_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS = 0.01, 300.0  # [tray] timeout_seconds: one call
+MIN_QUERY_TIMEOUT_SECONDS, MAX_QUERY_TIMEOUT_SECONDS = 0.01, float(DAY)
+MIN_CONCURRENCY, MAX_CONCURRENCY = 1, 1000
+MIN_ATTEMPTS, MAX_ATTEMPTS = 1, 10_000
+MIN_REQUESTS_PER_SECOND, MAX_REQUESTS_PER_SECOND = 0.1, 1e6
+MIN_BACKOFF_SECONDS = 0.001
+MAX_BACKOFF_BASE_SECONDS, MAX_BACKOFF_MAX_SECONDS = 60.0, 3600.0
+MIN_DELIVERY_PROCESSES = 1
+# No duration anywhere is longer than this (~100 years), and its numbers have at most this
+# many digits: nothing computed from one can overflow a datetime.
+MAX_DURATION_SECONDS = 36_600 * DAY
+MAX_DURATION_DIGITS = 10
+
+# Workflow URLs (bearer secrets: messages show their host, never the path or query).
+MAX_WORKFLOW_URL_LENGTH = 2000
+MAX_HOST_LENGTH = 253  # a DNS name, RFC 1035
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_DURATION_PART = re.compile(r"(\d+)([smhd])")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_PART = re.compile(r"([0-9]+)([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY}
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+# What RFC 3986 allows in a path and query: unreserved, sub-delims, ":", "@", "/", "?" and
+# percent-encoded octets.
+_PATH_AND_QUERY = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*")
 
 
 class Secret:
@@ -68,21 +106,45 @@ class Secret:
         return hash(self._value)
 
 
-def parse_duration(text: str, *, what: str) -> int:
-    """``90s``, ``15m``, ``3h``, ``1d`` or combinations like ``1h30m`` -> seconds."""
+def parse_duration(
+    text: str,
+    *,
+    what: str,
+    at_least: int = 1,
+    at_most: int = MAX_DURATION_SECONDS,
+) -> int:
+    """``90s``, ``15m``, ``3h``, ``1d`` or combinations like ``1h30m`` -> seconds, refused
+    outside ``at_least..at_most``."""
     cleaned = text.strip().lower()
     pos, total = 0, 0
     for match in _DURATION_PART.finditer(cleaned):
         if match.start() != pos:
             break
-        total += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if len(match.group(1).lstrip("0")) > MAX_DURATION_DIGITS:
+            total = MAX_DURATION_SECONDS + 1  # out of range; never turned into a number
+        else:
+            total += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
     if not cleaned or pos != len(cleaned) or total <= 0:
         raise ConfigError(
-            f"{what}: {text!r} is not a duration; use a positive number with s, m, h or d, "
+            f"{what}: {_shown(text)} is not a duration; use a positive number with s, m, h or d, "
             "like 90s, 15m, 3h or 1d"
         )
+    if not at_least <= total <= at_most:
+        raise ConfigError(
+            f"{what}: {_shown(text)} is out of range; use {format_duration(at_least)} "
+            f"to {format_duration(at_most)}"
+        )
     return total
+
+
+def _shown(text: str) -> str:
+    """A value for a message: quoted, and cut short when long."""
+    return repr(_cut(text))
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def format_duration(seconds: int) -> str:
@@ -96,24 +158,153 @@ def format_duration(seconds: int) -> str:
 
 
 def validate_cron(expression: str, *, what: str) -> str:
-    """A standard 5-field crontab line, as APScheduler's ``CronTrigger.from_crontab`` reads it."""
+    """A standard 5-field crontab line, as APScheduler's ``CronTrigger.from_crontab`` reads it,
+    that fires within ``CRON_MUST_FIRE_WITHIN_DAYS`` (``0 0 31 2 *`` never does)."""
     from apscheduler.triggers.cron import CronTrigger
 
-    try:
-        CronTrigger.from_crontab(expression, timezone="UTC")
-    except (ValueError, TypeError) as exc:
+    fix = 'use 5 fields like "0 */3 * * *"'
+    if len(expression) > MAX_CRON_LENGTH:
         raise ConfigError(
-            f"{what}: {expression!r} is not a cron expression ({exc}); "
-            'use 5 fields like "0 */3 * * *"'
+            f"{what}: the cron expression is longer than {MAX_CRON_LENGTH} characters"
+        )
+    try:
+        trigger = CronTrigger.from_crontab(expression, timezone="UTC")
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(
+            f"{what}: {expression!r} is not a cron expression ({exc}); {fix}"
         ) from None
+    now = datetime.now(UTC)
+    try:
+        first = trigger.get_next_fire_time(None, now)
+    except (ValueError, OverflowError):
+        first = None
+    if first is None or first - now > timedelta(days=CRON_MUST_FIRE_WITHIN_DAYS):
+        raise ConfigError(
+            f"{what}: {expression!r} does not fire within {CRON_MUST_FIRE_WITHIN_DAYS // 366} "
+            f"years; {fix}"
+        )
     return expression.strip()
 
 
-def validate_workflow_url(url: str, *, what: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what}: {url!r} is not an http(s) URL; use https://<id>.trayapp.io")
-    return url
+def normalize_workflow_url(url: str, *, what: str) -> str:
+    """The one spelling of a Tray workflow URL, or ConfigError naming ``what`` and the URL's
+    host only (the path and query are the bearer secret).
+
+    Accepted: http or https, a DNS name (RFC 1123 labels; IDNA names become their ``xn--``
+    form) or an IPv4/IPv6 literal, a port 1..65535, a path and query of RFC 3986 characters.
+    Refused: userinfo, a fragment, whitespace or control characters anywhere. Normalised:
+    scheme and host in lower case, the default port dropped, an empty ``?`` dropped, an empty
+    path made ``/``; the path and a non-empty query are kept exactly.
+    """
+    fix = "use https://<id>.trayapp.io/<path>"
+    if len(url) > MAX_WORKFLOW_URL_LENGTH:
+        raise ConfigError(f"{what}: the URL is longer than {MAX_WORKFLOW_URL_LENGTH} characters")
+    if any(ch.isspace() or unicodedata.category(ch)[0] in "CZ" for ch in url):
+        raise ConfigError(f"{what}: the URL contains whitespace or a control character; remove it")
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in DEFAULT_PORTS:
+        raise ConfigError(f"{what}: the URL is not an http(s) URL; {fix}")
+    netloc_end = min((i for i in (rest.find(c) for c in "/?#\\") if i >= 0), default=len(rest))
+    netloc, path_and_query = rest[:netloc_end], rest[netloc_end:]
+    if "@" in netloc:
+        raise ConfigError(
+            f"{what}: the URL has a user name or password before its host; remove it "
+            "(Tray's workflow URLs carry no credentials)"
+        )
+    host, port = _host_and_port(netloc, what=what)
+    shown = f"{what}: the URL for host {_with_port(host, port, scheme)}"
+    if "#" in path_and_query:
+        raise ConfigError(f"{shown} has a #fragment, which is never sent; remove it")
+    if "\\" in path_and_query:
+        raise ConfigError(f"{shown} has a backslash; write / or %5C")
+    if not _PATH_AND_QUERY.fullmatch(path_and_query):
+        raise ConfigError(
+            f"{shown} has characters a URL cannot hold (non-ASCII, quotes, <>, {{}}, | or a "
+            "stray %); percent-encode them"
+        )
+    path, _, query = path_and_query.partition("?")
+    return f"{scheme}://{_with_port(host, port, scheme)}{path or '/'}" + (
+        f"?{query}" if query else ""
+    )
+
+
+def _host_and_port(netloc: str, *, what: str) -> tuple[str, int | None]:
+    """``host[:port]`` of a URL -> (normalised host, port), refusing what is not well formed."""
+    if netloc.startswith("["):
+        literal, bracket, after = netloc[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            raise ConfigError(f"{what}: the URL's host is not a well-formed [IPv6] literal")
+        try:
+            if "%" in literal:  # a zone (fe80::1%eth0) names an interface of this machine only
+                raise ValueError(literal)
+            host = f"[{ipaddress.IPv6Address(literal).compressed}]"
+        except ValueError:
+            raise ConfigError(f"{what}: the URL's host is not a valid IPv6 address") from None
+        port_text = after[1:] if after else None
+    else:
+        name, colon, port_text_or_empty = netloc.partition(":")
+        port_text = port_text_or_empty if colon else None
+        host = _dns_or_ipv4(name, what=what)
+    if port_text is None or port_text == "":
+        return host, None
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ConfigError(f"{what}: the URL for host {host} has a port that is not a number")
+    if not _PORT.fullmatch(port_text.lstrip("0") or "0") or int(port_text) > 65535:
+        raise ConfigError(f"{what}: the URL for host {host} has a port past 65535")
+    if int(port_text) == 0:
+        raise ConfigError(f"{what}: the URL for host {host} has port 0; use 1 to 65535")
+    return host, int(port_text)
+
+
+def _dns_or_ipv4(name: str, *, what: str) -> str:
+    if not name:
+        raise ConfigError(f"{what}: the URL has no host; use https://<id>.trayapp.io/<path>")
+    if not name.isascii():
+        try:
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            raise ConfigError(
+                f"{what}: the URL's host is not a valid internationalised domain name"
+            ) from None
+    name = name.lower()
+    labels = name.split(".")
+    if all(label.isdigit() for label in labels):
+        try:
+            return str(ipaddress.IPv4Address(name))
+        except ValueError:
+            raise ConfigError(
+                f"{what}: the URL's host is not a valid IPv4 address (four numbers 0-255, "
+                "no leading zeros)"
+            ) from None
+    if (
+        len(name) > MAX_HOST_LENGTH
+        or not all(_DNS_LABEL.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()
+    ):
+        raise ConfigError(
+            f"{what}: the URL's host is not a valid DNS name (letters, digits and hyphens in "
+            "dot-separated labels of 1 to 63 characters) or IP address"
+        )
+    return name
+
+
+def _with_port(host: str, port: int | None, scheme: str) -> str:
+    return host if port is None or port == DEFAULT_PORTS[scheme] else f"{host}:{port}"
+
+
+def url_host(url: str) -> str:
+    """``host[:port]`` of a workflow URL: how syncer shows and stores it (never the path)."""
+    try:
+        netloc = urlsplit(url).netloc.rpartition("@")[2]
+    except ValueError:  # not a URL at all (an unclosed [IPv6 literal)
+        return "?"
+    return netloc.lower() or "?"
+
+
+def workflow_url_hash(key: str, url: str) -> str:
+    """The keyed hash (HMAC-SHA256, hex) a normalised workflow URL is stored as."""
+    return hmac.new(key.encode(), url.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +327,7 @@ class SourceSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class TraySettings:
-    workflow_urls: tuple[str, ...] = ()
+    workflow_urls: tuple[str, ...] = ()  # normalised (normalize_workflow_url), distinct
     shared_secret: Secret | None = None
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
@@ -229,9 +420,11 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
         sources[name] = SourceSettings(
             name=name,
             url=_database_url(src_raw["url"], base_dir, f"{where} url"),
-            query_timeout_seconds=_positive_number(
+            query_timeout_seconds=_number(
                 src_raw.get("query_timeout_seconds", DEFAULT_QUERY_TIMEOUT_SECONDS),
                 f"{where} query_timeout_seconds",
+                MIN_QUERY_TIMEOUT_SECONDS,
+                MAX_QUERY_TIMEOUT_SECONDS,
             ),
             read_role=_role_name(src_raw.get("read_role"), f"{where} read_role"),
             allow_privileged_role=_flag(
@@ -257,39 +450,62 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
         },
         where="[tray]",
     )
+    backoff_base = _number(
+        tray_raw.get("backoff_base_seconds", DEFAULT_BACKOFF_BASE_SECONDS),
+        "[tray] backoff_base_seconds",
+        MIN_BACKOFF_SECONDS,
+        MAX_BACKOFF_BASE_SECONDS,
+    )
     tray = TraySettings(
         workflow_urls=_workflow_urls(tray_raw.get("workflow_urls")),
         shared_secret=_secret(tray_raw.get("shared_secret"), "[tray] shared_secret"),
-        timeout_seconds=_positive_number(
-            tray_raw.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS), "[tray] timeout_seconds"
+        timeout_seconds=_number(
+            tray_raw.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS),
+            "[tray] timeout_seconds",
+            MIN_TIMEOUT_SECONDS,
+            MAX_TIMEOUT_SECONDS,
         ),
-        max_concurrency=_positive_int(
-            tray_raw.get("max_concurrency", DEFAULT_MAX_CONCURRENCY), "[tray] max_concurrency"
+        max_concurrency=_whole_number(
+            tray_raw.get("max_concurrency", DEFAULT_MAX_CONCURRENCY),
+            "[tray] max_concurrency",
+            MIN_CONCURRENCY,
+            MAX_CONCURRENCY,
         ),
-        max_attempts=_positive_int(
-            tray_raw.get("max_attempts", DEFAULT_MAX_ATTEMPTS), "[tray] max_attempts"
+        max_attempts=_whole_number(
+            tray_raw.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
+            "[tray] max_attempts",
+            MIN_ATTEMPTS,
+            MAX_ATTEMPTS,
         ),
-        backoff_base_seconds=_positive_number(
-            tray_raw.get("backoff_base_seconds", DEFAULT_BACKOFF_BASE_SECONDS),
-            "[tray] backoff_base_seconds",
-        ),
-        backoff_max_seconds=_positive_number(
+        backoff_base_seconds=backoff_base,
+        backoff_max_seconds=_number(
             tray_raw.get("backoff_max_seconds", DEFAULT_BACKOFF_MAX_SECONDS),
             "[tray] backoff_max_seconds",
+            backoff_base,
+            MAX_BACKOFF_MAX_SECONDS,
+            low_is="backoff_base_seconds",
         ),
         max_age_seconds=parse_duration(
             _duration_text(tray_raw.get("max_age", DEFAULT_MAX_AGE), "[tray] max_age"),
             what="[tray] max_age",
+            at_least=MIN_MAX_AGE_SECONDS,
+            at_most=MAX_MAX_AGE_SECONDS,
         ),
         max_requests_per_second=(
             None
             if tray_raw.get("max_requests_per_second") is None
-            else _positive_number(
-                tray_raw["max_requests_per_second"], "[tray] max_requests_per_second"
+            else _number(
+                tray_raw["max_requests_per_second"],
+                "[tray] max_requests_per_second",
+                MIN_REQUESTS_PER_SECOND,
+                MAX_REQUESTS_PER_SECOND,
             )
         ),
-        delivery_processes=_delivery_processes(
-            tray_raw.get("delivery_processes", DEFAULT_DELIVERY_PROCESSES)
+        delivery_processes=_whole_number(
+            tray_raw.get("delivery_processes", DEFAULT_DELIVERY_PROCESSES),
+            "[tray] delivery_processes",
+            MIN_DELIVERY_PROCESSES,
+            MAX_DELIVERY_PROCESSES,
         ),
     )
 
@@ -310,9 +526,19 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             'or "Europe/Berlin"'
         ) from None
     schedule = ScheduleSettings(
-        default_every_seconds=parse_duration(every, what="[schedule] default_every"),
+        default_every_seconds=parse_duration(
+            every,
+            what="[schedule] default_every",
+            at_least=MIN_EVERY_SECONDS,
+            at_most=MAX_EVERY_SECONDS,
+        ),
         timezone=str(timezone),
-        shutdown_grace_seconds=parse_duration(grace, what="[schedule] shutdown_grace"),
+        shutdown_grace_seconds=parse_duration(
+            grace,
+            what="[schedule] shutdown_grace",
+            at_least=MIN_SHUTDOWN_GRACE_SECONDS,
+            at_most=MAX_SHUTDOWN_GRACE_SECONDS,
+        ),
     )
     return Settings(path=path, database=database, sources=sources, tray=tray, schedule=schedule)
 
@@ -393,17 +619,23 @@ def _workflow_urls(value: Any) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(
-            '[tray] workflow_urls must be a list of URLs, like ["https://x.trayapp.io"]'
+            '[tray] workflow_urls must be a list of URLs, like ["https://x.trayapp.io/<path>"]'
         )
     if not 1 <= len(value) <= MAX_WORKFLOW_URLS:
         raise ConfigError(
             f"[tray] workflow_urls has {len(value)} URLs; give 1 to {MAX_WORKFLOW_URLS}"
         )
-    if len(set(value)) != len(value):
-        raise ConfigError("[tray] workflow_urls lists the same URL twice; list each once")
-    return tuple(
-        validate_workflow_url(url, what=f"[tray] workflow_urls[{i}]") for i, url in enumerate(value)
-    )
+    urls: list[str] = []
+    for i, url in enumerate(value):
+        normal = normalize_workflow_url(url, what=f"[tray] workflow_urls[{i}]")
+        if normal in urls:
+            raise ConfigError(
+                f"[tray] workflow_urls[{i}] is the same URL as workflow_urls[{urls.index(normal)}] "
+                f"(host {url_host(normal)}) once normalised, so the workflow would get every "
+                "message twice; list each URL once"
+            )
+        urls.append(normal)
+    return tuple(urls)
 
 
 def _secret(value: Any, what: str) -> Secret | None:
@@ -414,29 +646,30 @@ def _secret(value: Any, what: str) -> Secret | None:
     return Secret(value)
 
 
-def _positive_number(value: Any, what: str) -> float:
+def _number(value: Any, what: str, low: float, high: float, *, low_is: str | None = None) -> float:
+    """A positive number within ``low..high`` (``low_is``: the setting ``low`` comes from)."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise ConfigError(f"{what} must be a positive number, got {value!r}")
+        raise ConfigError(f"{what} must be a positive number, got {_cut(repr(value))}")
+    if value < low:
+        floor = f"{low_is} ({low:g})" if low_is else f"{low:g}"
+        raise ConfigError(f"{what} must be at least {floor}, got {value:g}")
+    if value > high:
+        raise ConfigError(f"{what} must be at most {high:g}, got {value:g}")
     return float(value)
 
 
-def _delivery_processes(value: Any) -> int:
-    processes = _positive_int(value, "[tray] delivery_processes")
-    if processes > MAX_DELIVERY_PROCESSES:
-        raise ConfigError(
-            f"[tray] delivery_processes must be at most {MAX_DELIVERY_PROCESSES}, got {processes}"
-        )
-    return processes
-
-
-def _positive_int(value: Any, what: str) -> int:
+def _whole_number(value: Any, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{what} must be a positive whole number, got {value!r}")
+        raise ConfigError(f"{what} must be a positive whole number, got {_cut(repr(value))}")
+    if value < low:
+        raise ConfigError(f"{what} must be at least {low}, got {value}")
+    if value > high:
+        raise ConfigError(f"{what} must be at most {high}, got {_cut(str(value))}")
     return value
 
 

@@ -6,18 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from syncer.errors import ConfigError
+from syncer.audiences import parse_schedule
+from syncer.errors import AudienceError, ConfigError
 from syncer.settings import (
     Secret,
     Settings,
     TraySettings,
     load_settings,
+    normalize_workflow_url,
+    url_host,
     validate_cron,
+    workflow_url_hash,
 )
 from tests.helpers import REPO_ROOT, toml_value
 
-URL_A = "https://a.trayapp.io"
-URL_B = "https://b.trayapp.io"
+URL_A = "https://a.trayapp.io/"
+URL_B = "https://b.trayapp.io/"
+SECRET_PATH = "/hooks/tok-SECRET-1234"  # a workflow URL's path is its bearer secret
 
 
 def write(folder: Path, text: str, name: str = "settings.toml") -> Path:
@@ -294,7 +299,7 @@ def test_bad_timezone_is_refused(tmp_path: Path, zone: str) -> None:
 
 
 def test_one_to_ten_workflow_urls_are_accepted(tmp_path: Path) -> None:
-    urls = [f"https://w{i}.trayapp.io" for i in range(10)]
+    urls = [f"https://w{i}.trayapp.io/" for i in range(10)]
     settings = load(tmp_path, f"[tray]\nworkflow_urls = {toml_value(urls)}\n")
     assert settings.tray.workflow_urls == tuple(urls)
     settings = load(tmp_path, '[tray]\nworkflow_urls = ["http://127.0.0.1:8080/w1"]\n')
@@ -324,8 +329,128 @@ def test_duplicate_workflow_urls_are_refused(tmp_path: Path) -> None:
 def test_non_http_workflow_url_is_refused(tmp_path: Path, url: str) -> None:
     message = refusal(tmp_path, f'[tray]\nworkflow_urls = ["{URL_A}", "{url}"]\n')
     assert message.startswith("[tray] workflow_urls[1]")
-    assert repr(url) in message
     assert "https://" in message
+
+
+# A URL is accepted only if it names exactly one well-formed origin and path. Every refusal
+# names the key and shows at most the host: never the path or the query.
+BAD_URLS = [
+    # (id, the URL, what the message says)
+    (
+        "port-past-65535",
+        f"https://a.trayapp.io:65536{SECRET_PATH}",
+        "for host a.trayapp.io has a port past 65535",
+    ),
+    ("port-wraps-to-80", f"https://a.trayapp.io:65616{SECRET_PATH}", "port past 65535"),
+    ("port-long", f"https://a.trayapp.io:{'9' * 40}{SECRET_PATH}", "port past 65535"),
+    ("port-zero", f"https://a.trayapp.io:0{SECRET_PATH}", "port 0"),
+    ("port-not-a-number", f"https://a.trayapp.io:8o{SECRET_PATH}", "not a number"),
+    ("cr-lf-in-path", f"https://a.trayapp.io{SECRET_PATH}\r\nX-Injected: 1", "control character"),
+    ("lf-in-host", f"https://a.tray\napp.io{SECRET_PATH}", "control character"),
+    ("tab", f"https://a.trayapp.io{SECRET_PATH}\t", "whitespace"),
+    ("nul", f"https://a.trayapp.io{SECRET_PATH}\u0000", "control character"),
+    ("space-in-host", f"https://a trayapp.io{SECRET_PATH}", "whitespace"),
+    ("nbsp-in-path", f"https://a.trayapp.io{SECRET_PATH}\u00a0x", "whitespace"),
+    ("userinfo", f"https://user:pa55@a.trayapp.io{SECRET_PATH}", "user name or password"),
+    ("user-only", f"https://user@a.trayapp.io{SECRET_PATH}", "user name or password"),
+    (
+        "fragment",
+        f"https://a.trayapp.io{SECRET_PATH}#frag",
+        "for host a.trayapp.io has a #fragment",
+    ),
+    ("empty-fragment", f"https://a.trayapp.io{SECRET_PATH}#", "#fragment"),
+    ("backslash", f"https://a.trayapp.io\\@evil.example{SECRET_PATH}", "backslash"),
+    ("underscore-host", f"https://a_b.trayapp.io{SECRET_PATH}", "not a valid DNS name"),
+    ("hyphen-label", f"https://-a.trayapp.io{SECRET_PATH}", "not a valid DNS name"),
+    ("empty-label", f"https://a..trayapp.io{SECRET_PATH}", "not a valid DNS name"),
+    ("long-label", f"https://{'a' * 64}.trayapp.io{SECRET_PATH}", "not a valid DNS name"),
+    ("percent-host", f"https://a%2etrayapp.io{SECRET_PATH}", "not a valid DNS name"),
+    ("numeric-tld", f"https://a.trayapp.123{SECRET_PATH}", "not a valid DNS name"),
+    ("bad-ipv4", f"http://256.1.1.1{SECRET_PATH}", "not a valid IPv4"),
+    ("short-ipv4", f"http://127.1{SECRET_PATH}", "not a valid IPv4"),
+    ("bad-ipv6", f"http://[::g]{SECRET_PATH}", "not a valid IPv6"),
+    ("ipv6-zone", f"http://[fe80::1%25eth0]{SECRET_PATH}", "not a valid IPv6"),
+    ("unclosed-ipv6", f"http://[::1{SECRET_PATH}", "IPv6"),
+    ("no-host", f"https://{SECRET_PATH}", "no host"),
+    ("no-scheme", f"a.trayapp.io{SECRET_PATH}", "not an http(s) URL"),
+    ("ftp", f"ftp://a.trayapp.io{SECRET_PATH}", "not an http(s) URL"),
+    ("javascript", f"javascript:alert(1)//{SECRET_PATH}", "not an http(s) URL"),
+    ("quote-in-path", f'https://a.trayapp.io{SECRET_PATH}\\"x', "backslash"),
+    ("brace-in-path", f"https://a.trayapp.io{SECRET_PATH}{{x}}", "percent-encode"),
+    ("non-ascii-path", f"https://a.trayapp.io{SECRET_PATH}é", "percent-encode"),
+    ("stray-percent", f"https://a.trayapp.io{SECRET_PATH}%zz", "percent-encode"),
+    ("too-long", f"https://a.trayapp.io{SECRET_PATH}/{'x' * 2000}", "longer than 2000"),
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "says"), [case[1:] for case in BAD_URLS], ids=[c[0] for c in BAD_URLS]
+)
+def test_bad_workflow_urls_are_refused_naming_the_key_never_the_path(
+    tmp_path: Path, url: str, says: str
+) -> None:
+    message = refusal(tmp_path, f"[tray]\nworkflow_urls = {toml_value([URL_A, url])}\n")
+    assert message.startswith("[tray] workflow_urls[1]: "), message
+    assert says in message
+    assert "SECRET" not in message and "hooks" not in message
+
+
+@pytest.mark.parametrize(
+    ("given", "normal"),
+    [
+        ("https://a.trayapp.io", "https://a.trayapp.io/"),
+        ("HTTPS://A.TrayApp.IO/Hook/X", "https://a.trayapp.io/Hook/X"),  # the path keeps its case
+        ("https://a.trayapp.io/x?", "https://a.trayapp.io/x"),
+        ("https://a.trayapp.io?", "https://a.trayapp.io/"),
+        ("https://a.trayapp.io:443/x", "https://a.trayapp.io/x"),
+        ("http://a.trayapp.io:80/x", "http://a.trayapp.io/x"),
+        ("https://a.trayapp.io:80/x", "https://a.trayapp.io:80/x"),
+        ("https://a.trayapp.io:/x", "https://a.trayapp.io/x"),
+        ("http://127.0.0.1:08080/w1", "http://127.0.0.1:8080/w1"),
+        ("https://a.trayapp.io/x?b=2&a=1", "https://a.trayapp.io/x?b=2&a=1"),  # kept exactly
+        ("https://a.trayapp.io/x%2Fy/./z", "https://a.trayapp.io/x%2Fy/./z"),
+        ("http://[0:0::1]:8080/w", "http://[::1]:8080/w"),
+        ("https://bücher.example/x", "https://xn--bcher-kva.example/x"),
+        ("https://localhost/x", "https://localhost/x"),
+    ],
+)
+def test_workflow_urls_are_kept_normalised(given: str, normal: str) -> None:
+    assert normalize_workflow_url(given, what="w") == normal
+    assert normalize_workflow_url(normal, what="w") == normal  # once normal, stays so
+
+
+def test_spellings_of_one_url_are_one_url_and_refused_as_duplicates(tmp_path: Path) -> None:
+    base = f"https://a.trayapp.io{SECRET_PATH}"
+    for spelling in [
+        base.replace("https", "HTTPS"),
+        base.replace("a.trayapp.io", "A.TRAYAPP.IO"),
+        base + "?",
+        base.replace("a.trayapp.io", "a.trayapp.io:443"),
+    ]:
+        message = refusal(
+            tmp_path, f"[tray]\nworkflow_urls = {toml_value([URL_B, base, spelling])}\n"
+        )
+        assert message.startswith("[tray] workflow_urls[2] is the same URL as workflow_urls[1]")
+        assert "host a.trayapp.io" in message and "SECRET" not in message
+
+
+def test_settings_keep_the_normalised_urls(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path, f'[tray]\nworkflow_urls = ["HTTPS://A.trayapp.io:443{SECRET_PATH}?"]\n'
+    )
+    assert settings.tray.workflow_urls == (f"https://a.trayapp.io{SECRET_PATH}",)
+    assert url_host(settings.tray.workflow_urls[0]) == "a.trayapp.io"
+    assert url_host("http://127.0.0.1:8080/w1") == "127.0.0.1:8080"
+    assert url_host("http://[::1]:8080/w1") == "[::1]:8080"
+
+
+def test_a_url_hash_is_keyed() -> None:
+    url = f"https://a.trayapp.io{SECRET_PATH}"
+    assert workflow_url_hash("k1", url) == workflow_url_hash("k1", url)
+    assert workflow_url_hash("k1", url) != workflow_url_hash("k2", url)
+    assert len(workflow_url_hash("k1", url)) == 64 and SECRET_PATH not in workflow_url_hash(
+        "k1", url
+    )
 
 
 def test_workflow_urls_must_be_a_list(tmp_path: Path) -> None:
@@ -359,6 +484,99 @@ def test_nan_timeout_is_refused(tmp_path: Path) -> None:
     # TOML allows nan; a NaN timeout is not a positive number and must not be accepted.
     message = refusal(tmp_path, "[tray]\ntimeout_seconds = nan\n")
     assert message.startswith("[tray] timeout_seconds must be a positive")
+
+
+# --- bounds -----------------------------------------------------------------------------------------
+
+# (settings.toml text, the key the message names, what it says): every number and duration has
+# limits, checked at start; past them is bad input, not a hang, an overflow or a crash later.
+OUT_OF_BOUNDS = [
+    ('[schedule]\ndefault_every = "3000000d"\n', "[schedule] default_every", "use 1s to 366d"),
+    ('[schedule]\ndefault_every = "367d"\n', "[schedule] default_every", "out of range"),
+    ('[schedule]\ndefault_every = "8785h"\n', "[schedule] default_every", "out of range"),
+    (f'[schedule]\ndefault_every = "{"9" * 5000}s"\n', "[schedule] default_every", "out of range"),
+    ('[schedule]\nshutdown_grace = "2h"\n', "[schedule] shutdown_grace", "use 1s to 1h"),
+    ('[tray]\nmax_age = "999999999999d"\n', "[tray] max_age", "use 1s to 30d"),
+    ('[tray]\nmax_age = "31d"\n', "[tray] max_age", "out of range"),
+    ("[tray]\ntimeout_seconds = 301\n", "[tray] timeout_seconds", "at most 300"),
+    ("[tray]\ntimeout_seconds = 1e308\n", "[tray] timeout_seconds", "at most 300"),
+    ("[tray]\ntimeout_seconds = inf\n", "[tray] timeout_seconds", "positive number"),
+    ("[tray]\ntimeout_seconds = 0.001\n", "[tray] timeout_seconds", "at least 0.01"),
+    ("[tray]\nmax_concurrency = 100000000\n", "[tray] max_concurrency", "at most 1000"),
+    ("[tray]\nmax_concurrency = 1001\n", "[tray] max_concurrency", "at most 1000"),
+    (
+        "[tray]\nmax_requests_per_second = 1e-300\n",
+        "[tray] max_requests_per_second",
+        "at least 0.1",
+    ),
+    ("[tray]\nmax_requests_per_second = 2e6\n", "[tray] max_requests_per_second", "at most 1e+06"),
+    ("[tray]\nmax_requests_per_second = 0\n", "[tray] max_requests_per_second", "positive"),
+    ("[tray]\nbackoff_base_seconds = 61\n", "[tray] backoff_base_seconds", "at most 60"),
+    ("[tray]\nbackoff_base_seconds = 1e-9\n", "[tray] backoff_base_seconds", "at least 0.001"),
+    ("[tray]\nbackoff_max_seconds = 1e300\n", "[tray] backoff_max_seconds", "at most 3600"),
+    (
+        "[tray]\nbackoff_base_seconds = 5\nbackoff_max_seconds = 2\n",
+        "[tray] backoff_max_seconds",
+        "at least backoff_base_seconds (5)",
+    ),
+    ("[tray]\nmax_attempts = 10001\n", "[tray] max_attempts", "at most 10000"),
+    ("[tray]\nmax_attempts = 9223372036854775807\n", "[tray] max_attempts", "at most 10000"),
+    ("[tray]\ndelivery_processes = 17\n", "[tray] delivery_processes", "at most 16"),
+    (
+        '[sources.wh]\nurl = "sqlite:///wh.db"\nquery_timeout_seconds = 90000\n',
+        "[sources.wh] query_timeout_seconds",
+        "at most 86400",
+    ),
+    (
+        '[sources.wh]\nurl = "sqlite:///wh.db"\nquery_timeout_seconds = 1e-5\n',
+        "[sources.wh] query_timeout_seconds",
+        "at least 0.01",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "says"), OUT_OF_BOUNDS)
+def test_settings_past_their_bounds_are_refused_naming_the_key(
+    tmp_path: Path, text: str, key: str, says: str
+) -> None:
+    message = refusal(tmp_path, text)
+    assert message.startswith(key), message
+    assert says in message
+    assert len(message) < 300  # a huge value is not echoed whole
+
+
+def test_settings_at_their_bounds_are_accepted(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        '[schedule]\ndefault_every = "366d"\nshutdown_grace = "1h"\n'
+        '[tray]\nmax_age = "30d"\ntimeout_seconds = 300\nmax_concurrency = 1000\n'
+        "max_requests_per_second = 0.1\nbackoff_base_seconds = 60\nbackoff_max_seconds = 3600\n"
+        "max_attempts = 10000\n",
+    )
+    assert settings.schedule.default_every_seconds == 366 * 86400
+    assert settings.schedule.shutdown_grace_seconds == 3600
+    assert settings.tray.max_age_seconds == 30 * 86400
+    assert (settings.tray.max_concurrency, settings.tray.max_attempts) == (1000, 10000)
+    assert load(tmp_path, '[schedule]\ndefault_every = "1s"\n').schedule.default_every_seconds == 1
+
+
+@pytest.mark.parametrize(
+    ("every", "cron", "says"),
+    [
+        ("3000000d", None, "--every: '3000000d' is out of range; use 1s to 366d"),
+        ("367d", None, "out of range"),
+        ("99999999999999999999999s", None, "out of range"),
+        (None, "0 0 31 2 *", "does not fire within 5 years"),  # never
+        (None, "0 0 29 2 mon", "does not fire within 5 years"),  # next in 2044
+        (None, "0 " * 60 + "*", "longer than 100 characters"),
+    ],
+)
+def test_audience_schedules_past_their_bounds_are_refused(
+    every: str | None, cron: str | None, says: str
+) -> None:
+    with pytest.raises(AudienceError) as info:
+        parse_schedule(every, cron)
+    assert says in str(info.value)
 
 
 def test_tray_numbers_are_read(tmp_path: Path) -> None:
