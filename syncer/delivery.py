@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import IntegrityError
 
 from syncer import workers
 from syncer.db import write_transaction
@@ -53,11 +55,19 @@ from syncer.models import (
     DELIVERY_PAGES,
     DELIVERY_PENDING,
     DELIVERY_SENT,
+    DESTINATION_HASH_KEY,
     MYSQL,
+    SYNCER_SETTINGS,
     Destination,
     owed,
 )
-from syncer.settings import TraySettings, format_duration
+from syncer.settings import (
+    TraySettings,
+    format_duration,
+    normalize_workflow_url,
+    url_host,
+    workflow_url_hash,
+)
 from syncer.tray import (
     IdentifyBodies,
     TrayClient,
@@ -93,29 +103,62 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True, kw_only=True)
 class Target:
-    """A workflow URL and its row in ``destinations``."""
+    """A workflow URL (normalised, from settings: only ever held in memory) and its row in
+    ``destinations``, which stores the host and a keyed hash of the URL."""
 
     id: int
     url: str
 
+    @property
+    def host(self) -> str:
+        return url_host(self.url)
+
 
 def register_destinations(engine: Engine, urls: Sequence[str]) -> list[Target]:
-    """Make sure every configured URL has a ``destinations`` row; return them in order."""
+    """Make sure every configured URL has a ``destinations`` row, found by the keyed hash of
+    its normalised form; return them in order. The URL itself is never written."""
     if not urls:
         return []
+    normal = [normalize_workflow_url(url, what="workflow URL") for url in urls]
+    try:
+        return _register(engine, normal)
+    except IntegrityError:  # another process registered one of them (or the key) just now
+        return _register(engine, normal)
+
+
+def _register(engine: Engine, urls: Sequence[str]) -> list[Target]:
     now = datetime.now(UTC)
     with write_transaction(engine) as conn:
+        key = _destination_hash_key(conn)
+        hashes = {url: workflow_url_hash(key, url) for url in urls}
         known = dict(
             conn.execute(
-                select(Destination.url, Destination.id).where(Destination.url.in_(urls))
+                select(Destination.url_hash, Destination.id).where(
+                    Destination.url_hash.in_(hashes.values())
+                )
             ).all()
         )
-        for url in urls:
-            if url not in known:
-                known[url] = conn.execute(
-                    insert(Destination).values(url=url, first_seen_at=now).returning(Destination.id)
+        for url, url_hash in hashes.items():
+            if url_hash not in known:
+                known[url_hash] = conn.execute(
+                    insert(Destination)
+                    .values(host=url_host(url), url_hash=url_hash, first_seen_at=now)
+                    .returning(Destination.id)
                 ).scalar_one()
-    return [Target(id=known[url], url=url) for url in urls]
+    return [Target(id=known[hashes[url]], url=url) for url in urls]
+
+
+def _destination_hash_key(conn: Connection) -> str:
+    """The installation's key of ``destinations.url_hash`` (migration 0006 makes it; made
+    here if it is missing, as before the first destination)."""
+    value = conn.execute(
+        select(SYNCER_SETTINGS.c.value).where(SYNCER_SETTINGS.c.name == DESTINATION_HASH_KEY)
+    ).scalar()
+    if value:
+        return str(value)
+    value = secrets.token_hex(32)
+    conn.execute(insert(SYNCER_SETTINGS).values(name=DESTINATION_HASH_KEY, value=value))
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -810,10 +853,11 @@ async def run_pass(
                         datetime.now(UTC) + pass_delay(outcome.attempts, tray),
                     )
                     logger.warning(
-                        "audience %s: workflow URL %d keeps failing (%s); what it is owed "
-                        "waits for the next pass",
+                        "audience %s: workflow URL #%d (host %s) keeps failing (%s); what it "
+                        "is owed waits for the next pass",
                         label,
                         target.id,
+                        target.host,
                         outcome.error,
                     )
 

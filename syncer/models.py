@@ -34,7 +34,9 @@ from sqlalchemy.types import TypeEngine
 
 USER_ID_LENGTH = 255
 KEY_LENGTH = 255
-URL_LENGTH = 700
+HOST_LENGTH = 260  # a DNS name (253) or an IPv6 literal, with ":port"
+URL_HASH_LENGTH = 64  # hex SHA-256
+DESTINATION_HASH_KEY = "destination_hash_key"  # syncer_settings: the key of url_hash
 
 # Status values, as stored.
 AUDIENCE_ACTIVE, AUDIENCE_PAUSED, AUDIENCE_DELETED = "active", "paused", "deleted"
@@ -148,12 +150,18 @@ class Audience(Base):
 
 
 class Destination(Base):
-    """A Tray workflow URL that has appeared in settings.toml."""
+    """A Tray workflow URL that has appeared in settings.toml, stored as its host and a keyed
+    hash, never the URL itself (a bearer secret: settings are the only place it lives).
+
+    ``url_hash`` is the HMAC-SHA256 (hex) of the normalised URL keyed by the installation's
+    ``destination_hash_key`` (``syncer_settings``); the sender finds a URL's row by it.
+    """
 
     __tablename__ = "destinations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    url: Mapped[str] = mapped_column(exact_string(URL_LENGTH), unique=True)
+    host: Mapped[str] = mapped_column(String(HOST_LENGTH))  # host[:port], for people to read
+    url_hash: Mapped[str] = mapped_column(String(URL_HASH_LENGTH), unique=True)
     first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 

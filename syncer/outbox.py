@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import Engine, and_, exists, or_, select, update
 from sqlalchemy.orm import aliased
@@ -66,7 +65,7 @@ def list_deliveries(
     if limit <= 0:
         raise AudienceError("--limit must be a positive number")
     query = (
-        select(D, AUDIENCES.c.key, Destination.url)
+        select(D, AUDIENCES.c.key, Destination.host)
         .join(AUDIENCES, AUDIENCES.c.id == D.c.audience_id)
         .join(Destination, Destination.id == D.c.destination_id)
         .order_by(D.c.id.desc())
@@ -85,7 +84,7 @@ def list_deliveries(
             audience_key=r.key,
             user_id=r.user_id,
             destination_id=r.destination_id,
-            destination_host=urlsplit(r.url).hostname or "?",
+            destination_host=r.host,
             kind=r.kind,
             value=r.trait_value,
             status=r.status,

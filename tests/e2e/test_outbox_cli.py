@@ -87,7 +87,7 @@ def test_deliveries_and_retry(
     assert len(rows) == 18
     for row in rows:
         assert set(row) >= FIELDS, row
-        assert row["destination_host"] == "127.0.0.1"
+        assert row["destination_host"] == f"127.0.0.1:{rx.port}"
         assert row["kind"] == "identify" and row["value"] is True
         assert datetime.fromisoformat(str(row["created_at"])).utcoffset() is not None
     assert [r["id"] for r in rows] == sorted((r["id"] for r in rows), reverse=True)

@@ -15,11 +15,13 @@ import hashlib
 import json
 import re
 import time
+import tomllib
 import uuid
 from collections.abc import Callable, Sequence
 
 from sqlalchemy import create_engine, text
 
+from syncer.settings import workflow_url_hash
 from tests.e2e.conftest import Dump, Project, assert_usage_error
 from tests.helpers import start_cli
 from tests.receiver import Receiver, RecordedRequest
@@ -114,13 +116,18 @@ def _hash(p: Project, user_id: str) -> str:
 
 
 def _delete_rows(p: Project) -> list[tuple[object, ...]]:
-    """(url, deletion_id, user_id, status) of every delete delivery, by id."""
-    return _query(
+    """(url, deletion_id, user_id, status) of every delete delivery, by id. The state database
+    keeps a keyed hash of each URL, not the URL: the settings' URL with that hash is shown."""
+    [(key,)] = _query(p, "SELECT value FROM syncer_settings WHERE name = 'destination_hash_key'")
+    urls = tomllib.loads(p.settings.read_text(encoding="utf-8"))["tray"]["workflow_urls"]
+    url_of = {workflow_url_hash(str(key), url): url for url in urls}
+    rows = _query(
         p,
-        "SELECT d.url, dl.deletion_id, dl.user_id, dl.status FROM deliveries dl "
+        "SELECT d.url_hash, dl.deletion_id, dl.user_id, dl.status FROM deliveries dl "
         "JOIN destinations d ON d.id = dl.destination_id "
         "WHERE dl.kind = 'delete' ORDER BY dl.id",
     )
+    return [(url_of.get(str(url_hash), "?"), *rest) for url_hash, *rest in rows]
 
 
 def _history(p: Project, key: str) -> list[dict[str, object]]:

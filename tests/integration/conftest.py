@@ -171,25 +171,39 @@ class World:
         }
 
     def deliveries(self, key: str, *, path: str | None = None) -> list[Delivery]:
-        """Delivery rows of an audience (for one workflow URL when ``path`` is given), by id."""
+        """Delivery rows of an audience (for one workflow URL when ``path`` is given), by id.
+
+        The state database holds no URL: a row's ``url`` is the one of this world's URLs (or
+        ``path``'s) whose keyed hash its destination has, as the sender matches them."""
+        from syncer.models import DESTINATION_HASH_KEY
+        from syncer.settings import normalize_workflow_url, workflow_url_hash
+
         rows = self.rows(
-            "SELECT dl.id, dl.run_id, d.url, dl.user_id, dl.kind, dl.trait_value, dl.status, "
-            "dl.attempts, dl.last_status_code, dl.last_error, dl.delivered_at "
+            "SELECT dl.id, dl.run_id, d.url_hash, dl.user_id, dl.kind, dl.trait_value, "
+            "dl.status, dl.attempts, dl.last_status_code, dl.last_error, dl.delivered_at "
             "FROM deliveries dl JOIN destinations d ON d.id = dl.destination_id "
             "JOIN audiences a ON a.id = dl.audience_id WHERE a.key = :key ORDER BY dl.id",
             key=key,
         )
+        if not rows:
+            return []
         wanted = None if path is None else self.rx.url(path)
-        return [
-            Delivery(
-                **{
-                    **row._asdict(),
-                    "trait_value": None if row.trait_value is None else bool(row.trait_value),
-                }
-            )
-            for row in rows
-            if wanted is None or row.url == wanted
-        ]
+        hash_key = self.scalar(
+            "SELECT value FROM syncer_settings WHERE name = :name", name=DESTINATION_HASH_KEY
+        )
+        known = [*self.urls, *self.settings.tray.workflow_urls, *([wanted] if wanted else [])]
+        url_of = {
+            workflow_url_hash(hash_key, normalize_workflow_url(url, what="test")): url
+            for url in known
+        }
+        found = []
+        for row in rows:
+            fields = row._asdict()
+            fields["url"] = url_of.get(fields.pop("url_hash"), "?")
+            fields["trait_value"] = None if row.trait_value is None else bool(row.trait_value)
+            if wanted is None or fields["url"] == wanted:
+                found.append(Delivery(**fields))
+        return found
 
     def statuses(self, key: str, *, path: str | None = None) -> dict[str, int]:
         counts: dict[str, int] = {}

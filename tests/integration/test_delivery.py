@@ -7,7 +7,7 @@ the ``deliveries`` rows, the run results and ``history``.
 from __future__ import annotations
 
 from syncer import history
-from syncer.delivery import TRIES_PER_PASS
+from syncer.delivery import TRIES_PER_PASS, register_destinations
 from tests.integration.conftest import World
 
 KEY = "pro_users"
@@ -321,11 +321,11 @@ def test_a_url_added_later_gets_a_backfill_of_current_members(world: World) -> N
     assert w.rx.final_traits("w2") == truth(set(now), set(now))
     assert w.rx.final_traits("w1") == truth(set(now), set(users(1, 11)))
     since = w.rows(
-        "SELECT d.url, ad.since_run_id FROM audience_destinations ad "
-        "JOIN destinations d ON d.id = ad.destination_id WHERE ad.audience_id = :a",
+        "SELECT destination_id, since_run_id FROM audience_destinations WHERE audience_id = :a",
         a=audience.id,
     )
-    assert sorted(map(tuple, since)) == [
+    url_of = {t.id: t.url for t in register_destinations(w.state, w.urls)}
+    assert sorted((url_of[d], run) for d, run in since) == [
         (w.urls[0], first.run_id),
         (w.urls[1], second.run_id),
     ]

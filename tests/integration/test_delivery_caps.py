@@ -391,7 +391,7 @@ def test_list_deliveries_filters_and_shows_hosts_only(world: World) -> None:
     everything = outbox.list_deliveries(w.state)
     assert len(everything) == 2 * 4 + 2 * 2
     assert [r.id for r in everything] == sorted((r.id for r in everything), reverse=True)
-    assert {r.destination_host for r in everything} == {"127.0.0.1"}
+    assert {r.destination_host for r in everything} == {f"127.0.0.1:{w.rx.port}"}
     shown = repr([r.as_json() for r in everything])
     assert "tok-" not in shown and "/hooks/" not in shown
     failed = outbox.list_deliveries(w.state, status="failed")

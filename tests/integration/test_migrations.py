@@ -17,7 +17,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
 import syncer.db
+from syncer.delivery import register_destinations
 from syncer.models import Base
+from syncer.settings import workflow_url_hash
 from tests.helpers import REPO_ROOT, cli_env, write_settings
 from tests.integration.conftest import World
 
@@ -156,3 +158,73 @@ def test_history_rows_name_runs_of_their_own_audience_and_survive_migration_0005
             conn.execute(text(statement), {"a": pro.id, "r": trial_run})
         with w.state.begin() as conn:
             conn.execute(text(statement), {"a": pro.id, "r": pro_run})
+
+
+def test_migration_0006_keeps_each_url_as_host_and_keyed_hash_and_round_trips(
+    world: World,
+) -> None:
+    """0006 turns every stored URL into host + keyed hash; the sender then finds the same rows
+    (no backfill); spellings of one URL and URLs no longer accepted are retired; a downgrade
+    cannot give the URLs back, and upgrading again restores host and hash as they were."""
+    w = world
+    w.set_users([f"u{i}" for i in range(5)])
+    audience = w.create()
+    w.sync(audience.key)
+    destinations = "SELECT id, host, url_hash FROM destinations ORDER BY id"
+    before = w.rows(destinations)
+    key = w.scalar("SELECT value FROM syncer_settings WHERE name = 'destination_hash_key'")
+    assert [tuple(row) for row in before] == [
+        (i + 1, f"127.0.0.1:{w.rx.port}", workflow_url_hash(key, url))
+        for i, url in enumerate(w.urls)
+    ]
+
+    url = w.settings.database.url
+    w.state.dispose()
+    syncer.db.downgrade(url, "0005")
+    placeholders = [row.url for row in w.rows("SELECT url FROM destinations ORDER BY id")]
+    assert all(p.startswith("unrecoverable://127.0.0.1:") for p in placeholders)
+    assert not any("/w1" in p or "/w2" in p for p in placeholders)
+    syncer.db.upgrade(url)
+    assert schema_diff(url) == []
+    assert w.rows(destinations) == before
+
+    # A database from before 0006, holding URLs as they were written in settings.
+    syncer.db.downgrade(url, "0005")
+    w1, w2 = w.urls
+    old = [
+        (1, w1.replace("http://", "HTTP://") + "?"),  # w1, another spelling
+        (2, w2),
+        (3, w1),  # w1 again: once normalised, the same URL as row 1
+        (4, "https://user:pw@x.trayapp.io/tok"),  # no longer accepted
+    ]
+    with w.state.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO destinations (id, url, first_seen_at)"
+                " SELECT 3, 'x3', first_seen_at FROM destinations WHERE id = 1"
+                " UNION ALL SELECT 4, 'x4', first_seen_at FROM destinations WHERE id = 1"
+            )
+        )
+        for row_id, old_url in old:
+            conn.execute(
+                text("UPDATE destinations SET url = :u WHERE id = :i"), {"u": old_url, "i": row_id}
+            )
+    syncer.db.upgrade(url)
+
+    assert schema_diff(url) == []
+    rows = w.rows(destinations)
+    assert [tuple(row)[:2] for row in rows] == [
+        (1, f"127.0.0.1:{w.rx.port}"),
+        (2, f"127.0.0.1:{w.rx.port}"),
+        (3, f"127.0.0.1:{w.rx.port}"),
+        (4, "x.trayapp.io"),
+    ]
+    assert [tuple(row) for row in rows[:2]] == [tuple(row) for row in before]
+    assert len({row.url_hash for row in rows}) == 4
+    dumped = repr(w.rows("SELECT * FROM destinations"))
+    assert "/w1" not in dumped and "/w2" not in dumped and "tok" not in dumped
+    # The sender finds rows 1 and 2; the next run owes nothing new to either URL.
+    assert [t.id for t in register_destinations(w.state, w.urls)] == [1, 2]
+    w.set_users([f"u{i}" for i in range(6)])
+    result = w.sync(audience.key)
+    assert (result.status, result.sent) == ("succeeded", 2)
