@@ -359,7 +359,8 @@ SQLITE_FIXES = {
 }
 POSTGRES_FIXES = {
     "42501": "grant the role of [database] url all privileges on syncer's tables",
-    "25006": "point [database] url at a primary server that takes writes",
+    "25006": "point [database] url at a database that takes writes (not a standby, nor one "
+    "with default_transaction_read_only on)",
 }
 MYSQL_FIXES = {
     1044: "grant the user of [database] url all privileges on its database",

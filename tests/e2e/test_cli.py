@@ -13,7 +13,11 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from tests.e2e.conftest import SECRET, Project
+import psycopg
+import pytest
+from psycopg import sql
+
+from tests.e2e.conftest import SECRET, Project, assert_usage_error
 from tests.helpers import cli_command, cli_env
 from tests.receiver import Receiver
 
@@ -349,3 +353,94 @@ def test_progress_bar_on_a_terminal(
     assert f"{KEY_A} [" in text and f"] {len(USERS)}/{len(USERS)}" in text
     assert f"{KEY_A}: run 1 (initial) succeeded" in text
     assert len(receiver.accepted("w1")) == len(USERS)
+
+
+def test_audience_list_and_show_json_carry_id_and_last_run(
+    project_factory: ProjectFactory, state_url: str
+) -> None:
+    with Receiver() as rx:
+        p = project_factory(state_url, USERS, workflow_urls=[rx.url("w1")])
+        p.cli("db", "upgrade")
+        p.cli_many(
+            ("audience", "create", NAME_A, "--sql", SQL_A),
+            ("audience", "create", NAME_B, "--sql", SQL_B),
+        )
+        p.cli("sync", KEY_A)
+        p.cli("sync", KEY_A)
+        sent = rx.accepted("w1")
+    listed, shown_json, shown = p.cli_many(
+        ("audience", "list", "--json"),
+        ("audience", "show", KEY_A, "--json"),
+        ("audience", "show", KEY_A),
+    )
+    a, b = json.loads(listed.stdout)
+    assert (a["key"], b["key"]) == (KEY_A, KEY_B)
+    assert isinstance(a["id"], int) and isinstance(b["id"], int) and a["id"] != b["id"]
+    # the id is what Tray receives as computation_id
+    assert {m.json["context"]["personas"]["computation_id"] for m in sent} == {str(a["id"])}
+    runs = json.loads(p.cli("history", KEY_A, "--json").stdout)
+    newest = runs[0]
+    assert a["last_run"] == {
+        "run_id": newest["run_id"],
+        "status": "succeeded",
+        "finished_at": newest["finished_at"],
+    }
+    assert newest["run_id"] > runs[1]["run_id"], "last_run is the newest run"
+    assert datetime.fromisoformat(a["last_run"]["finished_at"]).tzinfo is not None
+    assert b["last_run"] is None  # never ran
+    assert json.loads(shown_json.stdout) == a
+    assert f"run {newest['run_id']} succeeded" in shown.stdout
+
+
+def test_a_closed_pipe_ends_quietly(project_factory: ProjectFactory, sqlite_url: str) -> None:
+    """`syncer deliveries | head -1`: once head has its line, syncer stops without a word, as
+    any Unix tool does (exit 141, SIGPIPE's, which a shell shows only under pipefail)."""
+    users = [f"user-{i:05d}" for i in range(3000)]  # ~300 kB of table: far past a pipe's buffer
+    with Receiver() as rx:
+        p = project_factory(sqlite_url, users, workflow_urls=[rx.url("w1")])
+        p.cli("db", "upgrade")
+        p.cli("audience", "create", "Everyone", "--sql", "SELECT user_id FROM users")
+        p.cli("sync")
+    for listing in ("deliveries --limit 100000", "deliveries --json --limit 100000"):
+        command = " ".join(cli_command(*listing.split(), settings=p.settings))
+        result = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; {command} | head -1"],
+            cwd=p.root,
+            env=cli_env(p.env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.stderr == "", result.stderr
+        assert len(result.stdout.splitlines()) == 1, result.stdout
+        assert result.returncode == 141, result.returncode
+
+
+@pytest.mark.postgres
+def test_a_read_only_postgres_state_database_is_bad_settings(
+    project_factory: ProjectFactory, pg_url: str
+) -> None:
+    """A state database that takes no writes (a standby, or default_transaction_read_only):
+    commands that would write stop before any work, exit 2, one line; listings still work."""
+    p = project_factory(pg_url, USERS, workflow_urls=[NOWHERE])
+    p.cli("db", "upgrade")
+    p.cli("audience", "create", NAME_A, "--sql", SQL_A)
+    name = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
+                sql.Identifier(name)
+            )
+        )
+    before = p.dump()
+    created, synced, paused = p.cli_many(
+        ("audience", "create", NAME_B, "--sql", SQL_B),
+        ("sync",),
+        ("audience", "pause", KEY_A),
+        check=None,
+    )
+    for result in (created, synced, paused):
+        assert_usage_error(result, "read-only", "[database] url")
+    assert p.dump() == before
+    assert KEY_A in p.cli("audience", "list").stdout
