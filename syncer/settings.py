@@ -588,6 +588,8 @@ def _only(raw: Mapping[str, Any], allowed: set[str], *, where: str) -> None:
 def _database_url(value: Any, base_dir: Path, what: str) -> URL:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f'{what} must be a database URL string, like "sqlite:///syncer.db"')
+    if any(ord(char) < 32 or ord(char) == 127 for char in value.strip()):
+        raise ConfigError(f"{what} contains a control character (a NUL byte, a line break…)")
     try:
         url = make_url(value.strip())
     except ArgumentError:
