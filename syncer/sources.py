@@ -204,12 +204,29 @@ def fenced(
         _check_postgres(conn, source)
         if definer is not None:
             _create_definer_function(conn, definer)
-    with read_only(conn, source.settings.query_timeout_seconds, commit=commit):
-        if dialect == "sqlite":
-            with _sqlite_fence(conn, staging=staging):
-                yield Reader(conn=conn, definer_role=None)
-        else:
-            yield Reader(conn=conn, definer_role=definer)
+    try:
+        with read_only(conn, source.settings.query_timeout_seconds, commit=commit):
+            if dialect == "sqlite":
+                with _sqlite_fence(conn, staging=staging):
+                    yield Reader(conn=conn, definer_role=None)
+            else:
+                yield Reader(conn=conn, definer_role=definer)
+    finally:
+        if dialect == "postgresql":
+            _reset_session(conn)
+
+
+def _reset_session(conn: Connection) -> None:
+    """Undo what the audience SQL may have set for the session (``set_config(name, value,
+    false)`` outlives a committed transaction): the connection goes on to run syncer's own
+    statements (the state database's, when the source is the state database itself), whose
+    names must not resolve through the SQL's ``search_path``. A connection that cannot be
+    reset is not used again."""
+    try:
+        with conn.begin():
+            conn.exec_driver_sql("RESET ALL")
+    except SQLAlchemyError:
+        conn.invalidate()
 
 
 # SQLite ------------------------------------------------------------------------------------------

@@ -411,3 +411,18 @@ def _login_role(database_url: str, *, grants: list[str]) -> Iterator[str]:
                 (role,),
             )
             admin.execute(pgsql.SQL("DROP ROLE IF EXISTS {}").format(pgsql.Identifier(role)))
+
+
+@pytest.mark.postgres
+def test_session_settings_the_sql_makes_do_not_outlive_it(pg_same: World) -> None:
+    """``set_config(…, false)`` survives a committed transaction: without a reset, syncer's own
+    statements on the same connection would resolve names through the SQL's search_path."""
+    w = pg_same
+    view = w.create(
+        sql="SELECT user_id FROM users "
+        "WHERE set_config('search_path', 'nowhere', false) IS NOT NULL"
+    )
+    for _ in range(2):
+        result = w.sync(view.key)
+        assert result.status == RUN_SUCCEEDED, result.error
+    assert w.current_members(view.key) == {"u1", "u2"}
