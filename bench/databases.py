@@ -1,5 +1,9 @@
 """Throw-away state and source databases: SQLite files in a work folder, PostgreSQL databases
-on 127.0.0.1 named ``syncer_bench_*`` (dropped when the benchmark ends, also on errors)."""
+on 127.0.0.1 named ``syncer_bench_*`` (dropped when the benchmark ends, also on errors).
+
+PostgreSQL databases are owned by, and reached as, an ordinary role (``PG_ROLE``), as operators
+run syncer: a superuser source is refused. ``PG_READER`` is the ``read_role`` audience SQL runs
+as when the source is the state database itself."""
 
 from __future__ import annotations
 
@@ -12,8 +16,19 @@ import psycopg
 from psycopg import sql
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-PG_DSN_TEMPLATE = "postgresql://postgres@127.0.0.1:5432/{name}"
+PG_ROLE = "syncer_bench"
+PG_READER = "syncer_bench_reader"
+PG_DSN_TEMPLATE = f"postgresql://{PG_ROLE}@127.0.0.1:5432/{{name}}"
 PG_PREFIX = "syncer_bench_"
+_ENSURE_ROLES = f"""
+DO $$ BEGIN
+  CREATE ROLE {PG_ROLE} LOGIN;
+EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+DO $$ BEGIN
+  CREATE ROLE {PG_READER} NOLOGIN;
+EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+GRANT {PG_READER} TO {PG_ROLE};
+"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +50,18 @@ class Database:
     def connect_pg(self, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(self.target, autocommit=autocommit)
 
+    def let_reader_select(self, *tables: str) -> None:
+        """PostgreSQL: the read role may read these tables (and nothing of syncer's)."""
+        if self.kind != "postgresql":
+            return
+        with self.connect_pg(autocommit=True) as conn:
+            for table in tables:
+                conn.execute(
+                    sql.SQL("GRANT SELECT ON {} TO {}").format(
+                        sql.Identifier(table), sql.Identifier(PG_READER)
+                    )
+                )
+
 
 @dataclass
 class Databases:
@@ -52,11 +79,16 @@ class Databases:
     def postgres(self, name: str) -> Database:
         db = f"{PG_PREFIX}{name}_{secrets.token_hex(4)}"
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+            admin.execute(_ENSURE_ROLES.encode())
+            admin.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(db), sql.Identifier(PG_ROLE)
+                )
+            )
         self.pg_names.append(db)
         return Database(
             kind="postgresql",
-            url=f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}",
+            url=f"postgresql+psycopg://{PG_ROLE}@127.0.0.1:5432/{db}",
             target=PG_DSN_TEMPLATE.format(name=db),
         )
 
@@ -83,3 +115,9 @@ class Databases:
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                 )
         self.pg_names.clear()
+
+
+def checkpoint() -> None:
+    """PostgreSQL's CHECKPOINT (a superuser's statement: the bench's own role is ordinary)."""
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute("CHECKPOINT")
