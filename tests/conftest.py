@@ -62,7 +62,19 @@ def mariadb_url() -> Iterator[str]:
     import pymysql
 
     name = f"{PG_DATABASE_PREFIX}{secrets.token_hex(6)}"
-    with pymysql.connect(**MARIADB_ADMIN, autocommit=True) as admin, admin.cursor() as cursor:
+    try:
+        admin = pymysql.connect(**MARIADB_ADMIN, autocommit=True, connect_timeout=5)
+    except pymysql.err.OperationalError as exc:
+        problem = " ".join(str(exc).split())
+    else:
+        problem = None
+    if problem is not None:  # outside the except block: one message, not a chained traceback
+        pytest.fail(
+            f"MariaDB is not reachable at 127.0.0.1:3306 as root ({problem}); start it "
+            "(.ci/run shows how) or leave out SYNCER_TEST_MARIADB=1",
+            pytrace=False,
+        )
+    with admin, admin.cursor() as cursor:
         cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
     try:
         yield MARIADB_URL_TEMPLATE.format(name=name)
