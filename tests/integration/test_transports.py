@@ -125,10 +125,10 @@ def test_retry_after_is_read_from_a_429(rx: Receiver, transport: str) -> None:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_nobody_listening_is_a_connection_error(transport: str) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    kind, code, message = outcome(f"http://127.0.0.1:{port}/w1", transport)
+    with socket.socket() as bound:  # bound, never listening: refused, and no other test's port
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        kind, code, message = outcome(f"http://127.0.0.1:{port}/w1", transport)
     assert (kind, code) == ("TransientDeliveryError", None)
     assert message.startswith("connection error")
 
