@@ -316,8 +316,10 @@ def ensure_pg_role() -> None:
         )
         granted = admin.execute(
             "SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
-            "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = %s",
-            (PG_ROLE,),
+            "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = %s "
+            # a test's own reader roles (tests.integration.conftest.pg_reader_role) stay
+            "AND g.rolname NOT LIKE %s",
+            (PG_ROLE, f"{PG_DATABASE_PREFIX}%"),
         ).fetchall()
         for (group,) in granted:
             admin.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(group), role))

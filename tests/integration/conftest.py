@@ -4,18 +4,23 @@ settings file pointing at the loopback receiver, and plain-SQL readers of the st
 ``world`` is the usual entry point: the state database comes from ``state_url`` (so every test
 that uses it runs on SQLite and on PostgreSQL) and the source is a SQLite warehouse file.
 ``any_source_world`` also runs with the source being the state database itself (no
-``[sources.default]``: the audience SQL runs there via ``INSERT … SELECT``).
+``[sources.default]``: the audience SQL runs there via ``INSERT … SELECT``; on PostgreSQL a
+``[sources.default]`` naming the state database with a ``read_role``, ``pg_reader_role``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import create_engine, text
+from psycopg import sql as pgsql
+from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 import syncer.db
@@ -24,10 +29,16 @@ from syncer.audiences import AudienceView
 from syncer.settings import Settings, load_settings
 from syncer.sync import RunResult, sync_audiences
 from tests.helpers import (
+    PG_ADMIN_ROLE,
     PG_DATABASE_PREFIX,
+    PG_HOST,
+    PG_PORT,
+    PG_ROLE,
     TEST_SECRET,
     make_warehouse,
+    pg_admin,
     postgres_database,
+    toml_value,
     write_settings,
 )
 from tests.receiver import Receiver
@@ -38,6 +49,39 @@ POSTGRES = "postgres"  # a PostgreSQL database of its own
 
 USERS_DDL = "CREATE TABLE users (user_id TEXT, email TEXT, plan TEXT)"
 DEFAULT_SQL = "SELECT user_id FROM users"
+
+
+@contextlib.contextmanager
+def pg_reader_role(database_url: str) -> Iterator[str]:
+    """A NOLOGIN role with a random name (roles are cluster-wide) that PG_ROLE may act as, with
+    USAGE on schema public and SELECT on the tables PG_ROLE creates in that database from now
+    on (create it after ``db upgrade``: syncer's tables stay out of reach). It is the
+    ``read_role`` of a source that is the state database. Dropped afterwards."""
+    role = f"syncer_t_reader_{secrets.token_hex(5)}"
+    name = pgsql.Identifier(role)
+    database = make_url(database_url).database
+    dsn = f"postgresql://{PG_ADMIN_ROLE}@{PG_HOST}:{PG_PORT}/{database}"
+    with pg_admin() as admin:
+        admin.execute(pgsql.SQL("CREATE ROLE {} NOLOGIN").format(name))
+        admin.execute(pgsql.SQL("GRANT {} TO {}").format(name, pgsql.Identifier(PG_ROLE)))
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as db:
+            db.execute(pgsql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(name))
+            db.execute(
+                pgsql.SQL(
+                    "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
+                    "GRANT SELECT ON TABLES TO {}"
+                ).format(pgsql.Identifier(PG_ROLE), name)
+            )
+        yield role
+    finally:
+        with (
+            contextlib.suppress(psycopg.OperationalError),  # the database may be gone
+            psycopg.connect(dsn, autocommit=True, connect_timeout=5) as db,
+        ):
+            db.execute(pgsql.SQL("DROP OWNED BY {}").format(name))
+        with pg_admin() as admin:
+            admin.execute(pgsql.SQL("DROP ROLE IF EXISTS {}").format(name))
 
 
 @pytest.fixture
@@ -77,8 +121,13 @@ class World:
         self.source_kind = source_kind
         self.source_url = source_url
         self.urls = [rx.url("w1"), rx.url("w2")]
+        self.read_role: str | None = None
+        self._roles = contextlib.ExitStack()
         self.configure(self.urls)
         syncer.db.upgrade(self.settings.database.url)
+        if source_kind == SAME and make_url(state_url).get_backend_name() == "postgresql":
+            self.read_role = self._roles.enter_context(pg_reader_role(state_url))
+            self.configure(self.urls)
         self.state = syncer.db.open_state(self.settings.database.url)
         # A writable connection to the source, for the test to set up and change its data.
         self.source_db = create_engine(source_url, poolclass=NullPool)
@@ -96,6 +145,12 @@ class World:
     ) -> Settings:
         """(Re)write settings.toml with these workflow URLs (None: no key) and load it."""
         sources = {} if self.source_kind == SAME else {"default": self.source_url}
+        extra = ""
+        if self.read_role is not None:  # the state database as the source, on PostgreSQL
+            extra = (
+                f"[sources.default]\nurl = {toml_value(self.state_url)}\n"
+                f"read_role = {toml_value(self.read_role)}\n"
+            )
         path = write_settings(
             self.tmp_path / "settings.toml",
             state_url=self.state_url,
@@ -103,6 +158,7 @@ class World:
             workflow_urls=None if workflow_urls is None else list(workflow_urls),
             shared_secret=secret,
             tray=tray,
+            extra=extra,
         )
         self.settings = load_settings(str(path))
         return self.settings
@@ -214,6 +270,7 @@ class World:
     def close(self) -> None:
         self.state.dispose()
         self.source_db.dispose()
+        self._roles.close()
 
 
 def _make_world(
