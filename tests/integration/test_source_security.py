@@ -20,6 +20,7 @@ from syncer.errors import AudienceError
 from syncer.models import RUN_FAILED, RUN_SUCCEEDED
 from syncer.settings import Settings, load_settings
 from syncer.sync import RunResult, sync_audiences
+from tests.conftest import MARIADB_ADMIN, WITH_MARIADB
 from tests.helpers import (
     PG_ADMIN_ROLE,
     PG_HOST,
@@ -426,3 +427,83 @@ def test_session_settings_the_sql_makes_do_not_outlive_it(pg_same: World) -> Non
         result = w.sync(view.key)
         assert result.status == RUN_SUCCEEDED, result.error
     assert w.current_members(view.key) == {"u1", "u2"}
+
+
+# MySQL / MariaDB (with SYNCER_TEST_MARIADB=1, as CI runs) -----------------------------------------
+
+if WITH_MARIADB:
+
+    @contextlib.contextmanager
+    def _mariadb_user(database: str, *tables: str) -> Iterator[str]:
+        """An ordinary MariaDB user granted SELECT on these tables of ``database`` only."""
+        import pymysql
+
+        user = f"syncer_t_{secrets.token_hex(5)}"
+        with pymysql.connect(**MARIADB_ADMIN, autocommit=True) as admin, admin.cursor() as cur:
+            cur.execute(f"CREATE USER '{user}'@'%'")
+            for table in tables:
+                cur.execute(f"GRANT SELECT ON `{database}`.`{table}` TO '{user}'@'%'")
+        try:
+            yield user
+        finally:
+            with pymysql.connect(**MARIADB_ADMIN, autocommit=True) as admin, admin.cursor() as c:
+                c.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+
+    @pytest.fixture
+    def maria_world(
+        request: pytest.FixtureRequest, tmp_path: Path, mariadb_url: str, receiver: Receiver
+    ) -> Iterator[World]:
+        """MariaDB state database; the source a SQLite warehouse (``configure`` changes it)."""
+        w = _make_world(request, tmp_path, mariadb_url, receiver, WAREHOUSE)
+        try:
+            yield w
+        finally:
+            w.close()
+
+    def test_mariadb_the_state_database_as_source_is_refused(maria_world: World) -> None:
+        w = maria_world
+        settings = _settings(w.tmp_path, w.state_url, {}, workflow_urls=w.urls)
+        with pytest.raises(AudienceError) as caught:
+            audiences.create(w.state, settings, name="Same", sql="SELECT 'u1' AS user_id")
+        assert "is the state database" in str(caught.value)
+        assert w.rows("SELECT `key` FROM audiences") == []
+
+    def test_mariadb_a_source_user_that_sees_syncers_tables_is_refused_an_ordinary_one_works(
+        maria_world: World, mariadb_url: str
+    ) -> None:
+        """root of the same server can read the state database's tables: refused. A user
+        granted SELECT on the data table only syncs."""
+        w = maria_world
+        source = make_url(mariadb_url).set(database=f"{make_url(mariadb_url).database}_src")
+        import pymysql
+
+        with pymysql.connect(**MARIADB_ADMIN, autocommit=True) as admin, admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{source.database}`")
+            cur.execute(f"CREATE TABLE `{source.database}`.users (user_id VARCHAR(64))")
+            cur.execute(f"INSERT INTO `{source.database}`.users VALUES ('u1'), ('u2')")
+        try:
+            as_root = _settings(
+                w.tmp_path,
+                w.state_url,
+                {"default": source.render_as_string(False)},
+                workflow_urls=w.urls,
+            )
+            with pytest.raises(AudienceError) as caught:
+                audiences.create(w.state, as_root, name="Root", sql="SELECT user_id FROM users")
+            assert "can read syncer's own tables" in str(caught.value)
+            with _mariadb_user(str(source.database), "users") as user:
+                as_reader = _settings(
+                    w.tmp_path,
+                    w.state_url,
+                    {"default": source.set(username=user).render_as_string(False)},
+                    workflow_urls=w.urls,
+                )
+                view = audiences.create(
+                    w.state, as_reader, name="Reader", sql="SELECT user_id FROM users"
+                )
+                [result] = sync_audiences(w.state, as_reader, [view.key])
+                assert result.status == RUN_SUCCEEDED, result.error
+                assert w.current_members(view.key) == {"u1", "u2"}
+        finally:
+            with pymysql.connect(**MARIADB_ADMIN, autocommit=True) as admin, admin.cursor() as c:
+                c.execute(f"DROP DATABASE IF EXISTS `{source.database}`")
