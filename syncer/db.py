@@ -21,6 +21,7 @@ from syncer.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+CONNECT_TIMEOUT_SECONDS = 10  # PostgreSQL; PyMySQL's own default is 10 s too
 MIGRATIONS_PACKAGED = Path(__file__).parent / "_migrations"
 MIGRATIONS_SOURCE_TREE = Path(__file__).parent.parent / "migrations"
 
@@ -59,7 +60,15 @@ def create_state_engine(url: URL) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
-    return _engine(url, pool_pre_ping=True)
+    return _engine(url, pool_pre_ping=True, connect_args=_connect_timeout(url))
+
+
+def _connect_timeout(url: URL) -> dict[str, Any]:
+    """A bound on connecting to a server database (libpq waits as long as TCP does, minutes,
+    for a host that drops packets), unless the URL sets its own."""
+    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+        return {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    return {}
 
 
 def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
@@ -107,7 +116,10 @@ def create_source_engine(url: URL) -> Engine:
         return _engine(
             url,
             pool_pre_ping=True,
-            connect_args={"options": "-c default_transaction_read_only=on"},
+            connect_args={
+                "options": "-c default_transaction_read_only=on",
+                **_connect_timeout(url),
+            },
         )
     return _engine(url, pool_pre_ping=True)
 
@@ -184,7 +196,14 @@ def check_schema(engine: Engine) -> None:
 
     heads = set(ScriptDirectory(str(migrations_dir())).get_heads())
     try:
-        with engine.connect() as conn:
+        # Any error while connecting is the settings' (a bad host, port, option or password)
+        conn = engine.connect()
+    except SQLAlchemyError as exc:
+        raise ConfigError(
+            f"cannot open the state database {safe_url(engine.url)}: {_first_line(exc)}"
+        ) from None
+    try:
+        with conn:
             current = set(MigrationContext.configure(conn).get_current_heads())
     except OperationalError as exc:
         raise ConfigError(

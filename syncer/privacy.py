@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
+import select as io_select
+import stat
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from sqlalchemy import (
     ColumnElement,
@@ -57,6 +59,8 @@ logger = logging.getLogger(__name__)
 SALT_SETTING = "user_hash_salt"
 HASHED_PREFIX = "sha256:"
 BATCH = 500
+MAX_ID_FILE_BYTES = 64 * 2**20  # ~1.7M ids of 36 characters
+ID_FILE_IDLE_SECONDS = 60  # a pipe or FIFO that sends nothing this long is given up
 D = DELIVERIES
 
 
@@ -77,10 +81,7 @@ def read_user_ids(ids: Sequence[str], file: str | None) -> list[str]:
 
 
 def _ids_in_file(file: str) -> list[str]:
-    try:
-        data = Path(file).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read user ids from {file!r}: {exc.strerror or exc}") from None
+    data = _read_id_file(file)
     found = []
     # Lines end at \n (or \r\n) only: str.splitlines() would also split an id at \x0c or U+2028.
     for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
@@ -95,6 +96,53 @@ def _ids_in_file(file: str) -> list[str]:
         if line:
             found.append(line)
     return found
+
+
+def _read_id_file(file: str) -> bytes:
+    """The bytes of an id file, bounded: at most MAX_ID_FILE_BYTES, and from a pipe (``--file
+    <(psql …)``, a FIFO) or a device, at most ID_FILE_IDLE_SECONDS between two reads, so
+    /dev/zero, a 1 GB file or a FIFO nobody writes to ends in an error, not a hang."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"cannot read user ids from {file!r}: {exc.strerror or exc}") from None
+    too_big = UsageError(
+        f"{file}: larger than {MAX_ID_FILE_BYTES // 2**20} MB; split it into smaller files"
+    )
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"cannot read user ids from {file!r}: Is a directory")
+        if stat.S_ISREG(mode):
+            if os.fstat(fd).st_size > MAX_ID_FILE_BYTES:
+                raise too_big
+            os.set_blocking(fd, True)
+        poller = io_select.poll()
+        poller.register(fd, io_select.POLLIN)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            if not stat.S_ISREG(mode) and not poller.poll(ID_FILE_IDLE_SECONDS * 1000):
+                raise UsageError(
+                    f"{file}: nothing arrived for {ID_FILE_IDLE_SECONDS} s; is anything "
+                    "writing to it?"
+                )
+            try:
+                chunk = os.read(fd, min(2**20, MAX_ID_FILE_BYTES + 1 - size))
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot read user ids from {file!r}: {exc.strerror or exc}"
+                ) from None
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ID_FILE_BYTES:
+                raise too_big
+    finally:
+        os.close(fd)
 
 
 def holds_deleted_user(user_id: ColumnElement[str]) -> ColumnElement[bool]:

@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 import unicodedata
 from collections.abc import Mapping
@@ -45,6 +46,7 @@ DEFAULT_TIMEZONE = "UTC"
 DEFAULT_SHUTDOWN_GRACE = "30s"
 DEFAULT_QUERY_TIMEOUT_SECONDS = 300.0
 MAX_WORKFLOW_URLS = 10
+MAX_SETTINGS_BYTES = 1024 * 1024  # a settings file is a few KB; never read one unbounded
 
 # Bounds of every number and duration in settings.toml and on the command line (--every,
 # --cron), checked at start: a value past them is bad input (exit 2), never a hang, an
@@ -76,6 +78,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DURATION_PART = re.compile(r"([0-9]+)([smhd])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY}
+_UNIT_ORDER = "dhms"
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _PORT = re.compile(r"[0-9]{1,5}")
 # What RFC 3986 allows in a path and query: unreserved, sub-delims, ":", "@", "/", "?" and
@@ -116,10 +119,15 @@ def parse_duration(
     """``90s``, ``15m``, ``3h``, ``1d`` or combinations like ``1h30m`` -> seconds, refused
     outside ``at_least..at_most``."""
     cleaned = text.strip().lower()
-    pos, total = 0, 0
+    pos, total, units = 0, 0, ""
     for match in _DURATION_PART.finditer(cleaned):
-        if match.start() != pos:
-            break
+        if (
+            match.start() != pos
+            or match.group(2) in units
+            or (units and _UNIT_ORDER.index(match.group(2)) < _UNIT_ORDER.index(units[-1]))
+        ):
+            break  # 1s1s, 30m1h: each unit once, the largest first
+        units += match.group(2)
         if len(match.group(1).lstrip("0")) > MAX_DURATION_DIGITS:
             total = MAX_DURATION_SECONDS + 1  # out of range; never turned into a number
         else:
@@ -128,7 +136,7 @@ def parse_duration(
     if not cleaned or pos != len(cleaned) or total <= 0:
         raise ConfigError(
             f"{what}: {_shown(text)} is not a duration; use a positive number with s, m, h or d, "
-            "like 90s, 15m, 3h or 1d"
+            "like 90s, 15m, 3h or 1d (combined: each unit once, largest first, like 1h30m)"
         )
     if not at_least <= total <= at_most:
         raise ConfigError(
@@ -163,6 +171,9 @@ def validate_cron(expression: str, *, what: str) -> str:
     from apscheduler.triggers.cron import CronTrigger
 
     fix = 'use 5 fields like "0 */3 * * *"'
+    if not expression.isascii():
+        # int() reads fullwidth and Arabic-Indic digits as digits: a line no cron and no DBA reads the same way
+        raise ConfigError(f"{what}: {_shown(expression)} has characters other than ASCII; {fix}")
     if len(expression) > MAX_CRON_LENGTH:
         raise ConfigError(
             f"{what}: the cron expression is longer than {MAX_CRON_LENGTH} characters"
@@ -377,22 +388,64 @@ class Settings:
 
 def settings_path(explicit: str | None) -> Path:
     """``--settings PATH``, else ``$SYNCER_SETTINGS``, else ``./settings.toml``."""
+    if explicit == "":
+        raise ConfigError("--settings is empty; give the path of a settings file")
     return Path(explicit or os.environ.get(SETTINGS_ENV) or DEFAULT_SETTINGS_FILE)
 
 
 def load_settings(explicit: str | None = None) -> Settings:
     path = settings_path(explicit)
+    text = _read_settings_text(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{_shown_path(path)}: not valid TOML: {exc}") from None
+    return parse_settings(raw, base_dir=path.resolve().parent, path=path)
+
+
+def _read_settings_text(path: Path) -> str:
+    """The text of a settings file: a regular file (not a folder, FIFO or device, which could
+    block or never end) of at most MAX_SETTINGS_BYTES, in UTF-8 (a byte-order mark is fine)."""
+    shown = _shown_path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting for one
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ConfigError(
-            f"settings file {str(path)!r} not found; pass --settings PATH or set {SETTINGS_ENV}"
+            f"settings file {shown} not found; pass --settings PATH or set {SETTINGS_ENV}"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read settings file {str(path)!r}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_settings(raw, base_dir=path.resolve().parent, path=path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {shown}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(
+            f"settings file {shown} is not a regular file (a folder, FIFO or device); "
+            "give a .toml file"
+        )
+    with os.fdopen(fd, "rb") as file:
+        try:
+            data = file.read(MAX_SETTINGS_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read settings file {shown}: {exc.strerror or exc}") from None
+    if len(data) > MAX_SETTINGS_BYTES:
+        raise ConfigError(
+            f"settings file {shown} is larger than {MAX_SETTINGS_BYTES // 1024} KB; "
+            "is it the right file?"
+        )
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"settings file {shown} is UTF-16; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"settings file {shown} is not UTF-8 text (line {line}); save it as UTF-8"
+        ) from None
+
+
+def _shown_path(path: Path) -> str:
+    text = str(path)
+    return repr(text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace"))
 
 
 def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None = None) -> Settings:
@@ -407,6 +460,11 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
 
     sources: dict[str, SourceSettings] = {}
     for name, src_raw in _table(expanded, "sources").items():
+        if not _SOURCE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"[sources.{_cut(name)!r}]: a source name is 1 to {MAX_SOURCE_NAME_LENGTH} "
+                "ASCII letters, digits, _ or -, like [sources.warehouse]"
+            )
         where = f"[sources.{name}]"
         if not isinstance(src_raw, Mapping):
             raise ConfigError(f"{where} must be a table with a url")
@@ -590,9 +648,12 @@ def _database_url(value: Any, base_dir: Path, what: str) -> URL:
         raise ConfigError(f'{what} must be a database URL string, like "sqlite:///syncer.db"')
     if any(ord(char) < 32 or ord(char) == 127 for char in value.strip()):
         raise ConfigError(f"{what} contains a control character (a NUL byte, a line break…)")
+    if not _is_utf8(value):
+        raise ConfigError(f"{what} is not valid UTF-8 text (check the variables it reads)")
     try:
         url = make_url(value.strip())
-    except ArgumentError:
+        url.port  # noqa: B018  (parsed lazily: a port that is not a number fails here)
+    except (ArgumentError, ValueError):
         raise ConfigError(
             f"{what}: not a database URL; use sqlite:///file.db or "
             "postgresql+psycopg://user@host/db"
@@ -610,9 +671,27 @@ def _database_url(value: Any, base_dir: Path, what: str) -> URL:
         database = url.database or ""
         if database in ("", ":memory:") or database.startswith("file:"):
             raise ConfigError(f"{what}: use a SQLite file path, like sqlite:///syncer.db")
+        if url.query:
+            # ?mode=memory, ?uri=true, ?check_same_thread …: syncer opens SQLite files its own
+            # way (WAL, a busy timeout, read-only sources); options would be ignored or fight it
+            raise ConfigError(
+                f"{what}: a SQLite URL takes no ?options ({', '.join(sorted(url.query))}); "
+                "remove them, like sqlite:///syncer.db"
+            )
         db_path = Path(database)
         if not db_path.is_absolute():
-            url = url.set(database=str((base_dir / db_path).resolve()))
+            db_path = (base_dir / db_path).resolve()
+            url = url.set(database=str(db_path))
+        try:
+            # a folder, /dev/null, a FIFO: SQLite would fail late, block, or write a journal
+            # beside a device
+            if db_path.exists() and not db_path.is_file():
+                raise ConfigError(
+                    f"{what}: {_shown(str(db_path))} is not a regular file (a folder or a "
+                    "device); point it at a SQLite file"
+                )
+        except OSError:  # a name too long, a folder we cannot look into: SQLite will say
+            pass
     return url
 
 
@@ -645,7 +724,24 @@ def _secret(value: Any, what: str) -> Secret | None:
         return None
     if not isinstance(value, str) or not value:
         raise ConfigError(f'{what} must be a non-empty string, like "${{TRAY_SHARED_SECRET}}"')
+    # Never shown, so say what is wrong with it, not what it is: these are copy-paste slips
+    # (a trailing newline, bytes that are not UTF-8) that would sign every call wrongly.
+    if not _is_utf8(value):
+        raise ConfigError(f"{what} is not valid UTF-8 text (check the variable it reads)")
+    if value != value.strip() or any(unicodedata.category(ch)[0] == "C" for ch in value):
+        raise ConfigError(
+            f"{what} has spaces or line breaks at its ends, or control characters; "
+            "give the secret exactly as Tray shows it"
+        )
     return Secret(value)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes from the environment that are not UTF-8
+        return False
+    return True
 
 
 def _number(value: Any, what: str, low: float, high: float, *, low_is: str | None = None) -> float:
@@ -675,6 +771,8 @@ def _whole_number(value: Any, what: str, low: int, high: int) -> int:
     return value
 
 
+MAX_SOURCE_NAME_LENGTH = 63  # audiences.source_name holds 100
+_SOURCE_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SOURCE_NAME_LENGTH}}}")
 _ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 

@@ -79,6 +79,7 @@ class Case:
     # Run as a user who can read the state database but not write it: its "file" only, or the
     # file and its "folder" too (as root: as nobody, since chmod does not stop root).
     read_only: str | None = None
+    env: tuple[tuple[str, str], ...] = ()  # more environment variables for the command
 
 
 def _create(name: str, sql_text: str = GOOD_SQL, *more: str) -> tuple[str, ...]:
@@ -201,8 +202,12 @@ STATE_CASES = [
          settings=_state_file("notes.db"), files=(("notes.db", b"plain text, not SQLite\n"),)),
     Case(id="state-in-missing-folder", args=("audience", "list"), names=("unable to open",),
          settings=_state_file("no-such-folder/state.db")),
-    Case(id="state-is-a-folder", args=_create("New One"), names=("unable to open",),
+    Case(id="state-is-a-folder", args=_create("New One"), names=("not a regular file",),
          settings=_state_file(".")),
+    Case(id="state-is-dev-null-db-upgrade", args=("db", "upgrade"),
+         names=("/dev/null", "not a regular file"), settings=_settings(state_url="sqlite:////dev/null")),
+    Case(id="source-is-dev-zero", args=_create("New One"), names=("/dev/zero", "not a regular file"),
+         settings=_settings(sources={"default": "sqlite:////dev/zero"})),
     Case(id="state-read-only-file-create", args=_create("New One"), names=("readonly", "write"),
          read_only="file"),
     Case(id="state-read-only-file-sync", args=("sync",), names=("readonly", "write"),
@@ -242,6 +247,60 @@ SETTINGS_CASES = [
     Case(id="settings-url-space-in-host", args=_create("New One"), names=("workflow_urls",),
          settings=_settings(workflow_urls=[f"https://w 1.trayapp.io/{SECRET_PATH}"]),
          absent=(SECRET_PATH,)),
+]  # fmt: skip
+BAD_VAR = "SYNCER_E2E_BAD_VARIABLE"
+
+
+def _settings_bytes(content: bytes) -> SettingsMaker:
+    def make(p: Project) -> Path:
+        path = p.root / "odd.toml"
+        path.write_bytes(content)
+        return path
+
+    return make
+
+
+def _settings_fifo(p: Project) -> Path:
+    """A FIFO nobody writes to: opening it to read would wait forever."""
+    path = p.root / "fifo.toml"
+    os.mkfifo(path)
+    return path
+
+
+HOSTILE_SETTINGS_CASES = [
+    Case(id="settings-a-fifo", args=("audience", "list"), names=("fifo.toml", "not a regular file"),
+         settings=_settings_fifo),
+    Case(id="settings-past-the-size-cap", args=("audience", "list"), names=("odd.toml", "larger"),
+         settings=_settings_bytes(b"# " + b"x" * (2 * 1024 * 1024) + b"\n")),
+    Case(id="settings-utf-16", args=("audience", "list"), names=("UTF-16",),
+         settings=_settings_bytes('[tray]\nmax_attempts = 3\n'.encode("utf-16"))),
+    Case(id="settings-sqlite-mode-memory", args=("db", "upgrade"), names=("?options", "mode"),
+         settings=lambda p: _settings(state_url=f"{p.state_url}?mode=memory")(p)),
+    Case(id="settings-sqlite-check-same-thread", args=("audience", "list"),
+         names=("check_same_thread",),
+         settings=lambda p: _settings(state_url=f"{p.state_url}?check_same_thread=false")(p)),
+    Case(id="settings-state-port-not-a-number", args=("audience", "list"), names=("[database] url",),
+         settings=_settings(state_url="postgresql://syncer@127.0.0.1:abc/db")),
+    Case(id="settings-pg-connect-timeout-not-a-number", args=("audience", "list"),
+         names=("connect_timeout",),
+         settings=_settings(state_url="postgresql://syncer@127.0.0.1:1/db?connect_timeout=abc")),
+    Case(id="settings-source-name-odd", args=_create("New One"), names=("source name",),
+         settings=_settings(sources={"default": "sqlite:///w.db", "a b/../c": "sqlite:///w.db"})),
+    Case(id="settings-default-every-1s1s", args=_create("New One"), names=("default_every", "1s1s"),
+         settings=_settings(extra='[schedule]\ndefault_every = "1s1s"')),
+    Case(id="settings-secret-variable-not-utf8", args=("sync",), names=("shared_secret", "UTF-8"),
+         settings=_settings(shared_secret=f"${{{BAD_VAR}}}"), env=((BAD_VAR, "s3cr\udcffet"),),
+         absent=("s3cr",)),
+    Case(id="settings-secret-variable-crlf", args=("sync",), names=("shared_secret",),
+         settings=_settings(shared_secret=f"${{{BAD_VAR}}}"), env=((BAD_VAR, "s3cret\r\n"),),
+         absent=("s3cret",)),
+    Case(id="settings-state-variable-not-utf8", args=("db", "upgrade"), names=("[database] url",),
+         settings=_settings(state_url=f"${{{BAD_VAR}}}"), env=((BAD_VAR, "sqlite:///st\udcff.db"),)),
+    Case(id="every-1s1s", args=_create("New One", GOOD_SQL, "--every", "1s1s"), names=("1s1s",)),
+    Case(id="cron-fullwidth-digit", args=_create("New One", GOOD_SQL, "--cron", "\uff10 0 * * *"),
+         names=("--cron", "ASCII")),
+    Case(id="users-file-dev-zero", args=("users", "delete", "--file", "/dev/zero"),
+         names=("/dev/zero", "larger")),
 ]  # fmt: skip
 TEXT_CASES = [
     Case(id="name-not-utf8", args=_create(NOT_UTF8), names=("NAME", "UTF-8")),
@@ -297,7 +356,14 @@ ARGUMENT_CASES = [
     Case(id="demo-dir-and-warehouse", args=("demo", "--dir", "d", "--warehouse", "w.db"),
          names=("--dir", "--warehouse")),
 ]  # fmt: skip
-CASES += [*DRIVER_CASES, *STATE_CASES, *SETTINGS_CASES, *TEXT_CASES, *ARGUMENT_CASES]
+CASES += [
+    *DRIVER_CASES,
+    *STATE_CASES,
+    *SETTINGS_CASES,
+    *HOSTILE_SETTINGS_CASES,
+    *TEXT_CASES,
+    *ARGUMENT_CASES,
+]
 
 # On PostgreSQL, the cases that reach the database (statements that are not a SELECT at all are
 # refused before any database sees them, the same way on every backend).
@@ -340,7 +406,7 @@ class Bed:
             if case.read_only:
                 result = _run_read_only(p, case, settings)
             else:
-                result = p.cli(*case.args, settings=settings, check=None)
+                result = p.cli(*case.args, settings=settings, check=None, env=dict(case.env))
             for name, content in case.files:
                 assert (p.root / name).read_bytes() == content, f"{case.id}: {name} changed"
             return Outcome(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -272,7 +273,20 @@ def test_valid_cron(cron: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "cron", ["", "* * * *", "* * * * * *", "61 * * * *", "*/0 * * * *", "@hourly"]
+    "cron",
+    [
+        "",
+        "* * * *",
+        "* * * * * *",
+        "61 * * * *",
+        "*/0 * * * *",
+        "@hourly",
+        "@reboot",
+        "5-1 * * * *",
+        "0 0 L * *",
+        "\uff10 0 * * *",  # a fullwidth 0: int() reads it, cron does not
+        "\u0663 0 * * *",  # an Arabic-Indic 3
+    ],
 )
 def test_bad_cron_is_refused(cron: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -664,3 +678,110 @@ def test_settings_repr_never_shows_secrets(tmp_path: Path, monkeypatch: pytest.M
     for shown in (repr(settings), str(settings), repr(settings.tray), repr(settings.sources)):
         assert "tray-secret-value-42" not in shown
         assert "db-password-value-43" not in shown
+
+
+# --- hostile settings files and values -------------------------------------------------------
+
+
+@pytest.mark.parametrize("every", ["1s1s", "30m1h", "1h1h", "1d2d3h"])
+def test_a_duration_names_each_unit_once_largest_first(tmp_path: Path, every: str) -> None:
+    message = refusal(tmp_path, f'[schedule]\ndefault_every = "{every}"\n')
+    assert message.startswith("[schedule] default_every") and "each unit once" in message
+
+
+def test_a_settings_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_bytes(b'\xef\xbb\xbf[schedule]\ndefault_every = "2h"\n')
+    assert load_settings(str(path)).schedule.default_every_seconds == 7200
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ('[schedule]\ndefault_every = "2h"\n'.encode("utf-16"), "UTF-16"),
+        (b'[schedule]\n# caf\xe9\ndefault_every = "2h"\n', "line 2"),
+        (b"# " + b"x" * (1024 * 1024) + b"\n", "larger than"),
+    ],
+    ids=["utf-16", "latin-1", "past-the-cap"],
+)
+def test_settings_files_that_are_not_small_utf8_text_are_refused(
+    tmp_path: Path, content: bytes, named: str
+) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=named):
+        load_settings(str(path))
+
+
+@pytest.mark.parametrize("name", ["fifo", "/dev/zero", "/dev/null"])
+def test_a_settings_file_that_is_a_fifo_or_device_is_refused_without_blocking(
+    tmp_path: Path, name: str
+) -> None:
+    """A FIFO nobody writes to would block the open; /dev/zero would never end."""
+    path = Path(name) if name.startswith("/") else tmp_path / name
+    if not path.exists():
+        os.mkfifo(path)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_settings(str(path))
+
+
+def test_an_empty_settings_argument_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--settings is empty"):
+        load_settings("")
+
+
+@pytest.mark.parametrize("name", ["a b", "\u00e9", "x\\u0000", "../x", "", "\U0001f642", "n" * 64])
+def test_odd_source_names_are_refused(tmp_path: Path, name: str) -> None:
+    message = refusal(tmp_path, f'[sources.{toml_value(name)}]\nurl = "sqlite:///w.db"\n')
+    assert "source name" in message
+
+
+@pytest.mark.parametrize(
+    "query", ["mode=memory", "uri=true", "check_same_thread=false", "timeout=abc", "mode=rwc"]
+)
+def test_sqlite_urls_take_no_options(tmp_path: Path, query: str) -> None:
+    message = refusal(tmp_path, f'[database]\nurl = "sqlite:///state.db?{query}"\n')
+    assert "takes no ?options" in message and query.split("=")[0] in message
+
+
+@pytest.mark.parametrize("path", ["/dev/null", "/dev/zero", "."])
+def test_a_sqlite_path_that_is_not_a_file_is_refused(tmp_path: Path, path: str) -> None:
+    for section in ("[database]", "[sources.default]"):
+        message = refusal(tmp_path, f'{section}\nurl = "sqlite:///{path}"\n')
+        assert "not a regular file" in message
+
+
+def test_a_database_url_whose_port_is_not_a_number_is_refused(tmp_path: Path) -> None:
+    message = refusal(tmp_path, '[database]\nurl = "postgresql://u@127.0.0.1:abc/db"\n')
+    assert "not a database URL" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("abc\udcff", "not valid UTF-8"),  # bytes of the environment that are not UTF-8
+        ("abc\r\n", "line breaks"),
+        (" abc", "spaces"),
+        ("abc\tdef", "control characters"),
+    ],
+    ids=["not-utf8", "crlf", "leading-space", "tab"],
+)
+def test_a_shared_secret_from_a_bad_variable_is_refused_unshown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, named: str
+) -> None:
+    monkeypatch.setenv("SYNCER_TEST_SECRET", value)
+    message = refusal(tmp_path, '[tray]\nshared_secret = "${SYNCER_TEST_SECRET}"\n')
+    assert named in message and "abc" not in message
+
+
+def test_a_shared_secret_with_a_nul_byte_is_refused(tmp_path: Path) -> None:
+    message = refusal(tmp_path, '[tray]\nshared_secret = "abc\\u0000def"\n')
+    assert "control characters" in message and "abc" not in message
+
+
+def test_a_database_url_from_a_variable_that_is_not_utf8_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SYNCER_TEST_DB", "sqlite:///state\udcff.db")
+    message = refusal(tmp_path, '[database]\nurl = "${SYNCER_TEST_DB}"\n')
+    assert "[database] url is not valid UTF-8" in message
