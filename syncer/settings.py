@@ -81,6 +81,11 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY}
 _UNIT_ORDER = "dhms"
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _PORT = re.compile(r"[0-9]{1,5}")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# A last label that URL parsers and inet_aton read as a number (0x7f000001, 0177, 2130706433):
+# the host would be an IPv4 address in disguise.
+_NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
 # What RFC 3986 allows in a path and query: unreserved, sub-delims, ":", "@", "/", "?" and
 # percent-encoded octets.
 _PATH_AND_QUERY = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*")
@@ -234,10 +239,17 @@ def normalize_workflow_url(url: str, *, what: str) -> str:
             f"{shown} has characters a URL cannot hold (non-ASCII, quotes, <>, {{}}, | or a "
             "stray %); percent-encode them"
         )
+    # RFC 3986 6.2.2: %2f and %2F are one octet, %41 is A: one spelling of each
+    path_and_query = _PERCENT.sub(_normal_escape, path_and_query)
     path, _, query = path_and_query.partition("?")
     return f"{scheme}://{_with_port(host, port, scheme)}{path or '/'}" + (
         f"?{query}" if query else ""
     )
+
+
+def _normal_escape(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else match.group(0).upper()
 
 
 def _host_and_port(netloc: str, *, what: str) -> tuple[str, int | None]:
@@ -291,7 +303,7 @@ def _dns_or_ipv4(name: str, *, what: str) -> str:
     if (
         len(name) > MAX_HOST_LENGTH
         or not all(_DNS_LABEL.fullmatch(label) for label in labels)
-        or labels[-1].isdigit()
+        or _NUMERIC_LABEL.fullmatch(labels[-1])
     ):
         raise ConfigError(
             f"{what}: the URL's host is not a valid DNS name (letters, digits and hyphens in "

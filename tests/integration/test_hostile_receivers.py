@@ -469,3 +469,48 @@ def test_a_run_with_a_dripping_url_finishes_and_the_healthy_url_gets_everything(
     # The audience is free for the next run: the lease went with the run.
     w.configure([w.rx.url("w1")])
     assert w.sync(KEY).run_id not in (None, result.run_id)
+
+
+def _answers(raw: bytes) -> Callable[[Hostile, socket.socket], None]:
+    """A server that reads the request, answers ``raw`` and closes its side."""
+
+    def behave(server: Hostile, conn: socket.socket) -> None:
+        del server
+        conn.settimeout(LATEST)
+        with contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(raw)
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)  # until the client lets go
+
+    return behave
+
+
+# Answers no well-kept HTTP/1.1 client takes as a success (syncer's transport refuses each at
+# once; a lenient parser may guess)
+MALFORMED = {
+    "HTTP/0.9 (no status line)": b"OK\n",
+    "HTTP/2 connection preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "HTTP/2 status line": b"HTTP/2 200\r\nContent-Length: 0\r\n\r\n",
+    "a 1xx, then close": b"HTTP/1.1 100 Continue\r\n\r\n",
+    "Content-Length -1": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nok",
+    "two Content-Lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\nok",
+    "Content-Length past 64 bits": b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n"
+    b"\r\nok",
+    "chunk size 2^64": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000000\r\nab",
+    "negative chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nab",
+    "chunked and Content-Length": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+    b"Content-Length: 3\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "a NUL in a header": b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+    "a two-digit status": b"HTTP/1.1 20 OK\r\nContent-Length: 0\r\n\r\n",
+    "a body shorter than its length": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok",
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_answer_is_a_failed_call_at_once(case: str) -> None:
+    with Hostile(_answers(MALFORMED[case])) as server:
+        [(error, took)] = call(server.url(), "syncer")
+    assert isinstance(error, TransientDeliveryError), error
+    assert took < TIMEOUT, f"{took:.1f} s: {error}"
+    assert str(error).startswith("connection error:"), error

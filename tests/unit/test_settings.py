@@ -380,6 +380,8 @@ BAD_URLS = [
     ("long-label", f"https://{'a' * 64}.trayapp.io{SECRET_PATH}", "not a valid DNS name"),
     ("percent-host", f"https://a%2etrayapp.io{SECRET_PATH}", "not a valid DNS name"),
     ("numeric-tld", f"https://a.trayapp.123{SECRET_PATH}", "not a valid DNS name"),
+    ("hex-ipv4-in-disguise", f"https://0x7f000001{SECRET_PATH}", "not a valid DNS name"),
+    ("hex-tld", f"https://a.0x1f{SECRET_PATH}", "not a valid DNS name"),
     ("bad-ipv4", f"http://256.1.1.1{SECRET_PATH}", "not a valid IPv4"),
     ("short-ipv4", f"http://127.1{SECRET_PATH}", "not a valid IPv4"),
     ("bad-ipv6", f"http://[::g]{SECRET_PATH}", "not a valid IPv6"),
@@ -426,6 +428,9 @@ def test_bad_workflow_urls_are_refused_naming_the_key_never_the_path(
         ("http://[0:0::1]:8080/w", "http://[::1]:8080/w"),
         ("https://bücher.example/x", "https://xn--bcher-kva.example/x"),
         ("https://localhost/x", "https://localhost/x"),
+        # RFC 3986 6.2.2: escapes in upper case, unreserved characters unescaped
+        ("https://a.trayapp.io/x%2fy?q=%7e%41%3d", "https://a.trayapp.io/x%2Fy?q=~A%3D"),
+        ("https://a\u3002trayapp\u3002io/x", "https://a.trayapp.io/x"),  # ideographic full stops
     ],
 )
 def test_workflow_urls_are_kept_normalised(given: str, normal: str) -> None:
@@ -436,6 +441,8 @@ def test_workflow_urls_are_kept_normalised(given: str, normal: str) -> None:
 def test_spellings_of_one_url_are_one_url_and_refused_as_duplicates(tmp_path: Path) -> None:
     base = f"https://a.trayapp.io{SECRET_PATH}"
     for spelling in [
+        f"https://a.trayapp.io{SECRET_PATH}".replace("-", "%2d"),
+        f"https://a.trayapp.io{SECRET_PATH}".replace("k", "%6B"),
         base.replace("https", "HTTPS"),
         base.replace("a.trayapp.io", "A.TRAYAPP.IO"),
         base + "?",
