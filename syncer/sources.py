@@ -8,15 +8,20 @@ changes the session), then always run wrapped as a subquery inside ``fenced``:
   statement timeout;
 - SQLite: an authorizer on the connection while the audience SQL is prepared, which allows
   reading data tables only: never syncer's own tables (the state database may be the source),
-  the schema table, ``ATTACH``, pragmas, or any write but syncer's own staging insert;
+  ``sqlite_*`` tables, ``ATTACH``, pragmas, or any write but syncer's own staging insert; and
+  a bound on one value (``SQLITE_VALUE_LIMIT``), so that one function call cannot outrun the
+  timeout;
 - PostgreSQL: the role the SQL runs as is checked first (one query): a superuser, a member of
-  ``pg_write_server_files`` / ``pg_execute_server_program`` / ``pg_read_server_files``, a role
+  ``pg_write_server_files`` / ``pg_execute_server_program`` / ``pg_read_server_files`` /
+  ``pg_signal_backend`` (NOINHERIT too: the SQL could SET ROLE), a role
   that can use ``dblink``, a foreign server or the server-side file functions is refused unless
   ``[sources.NAME] allow_privileged_role = true``; so is a role that can read syncer's own
   tables. With ``[sources.NAME] read_role`` the SQL runs inside a ``SECURITY DEFINER``
   function owned by that role (``pg_temp.syncer_audience_ids``): unlike ``SET ROLE``, which the
   SQL itself could undo (``set_config('role', 'none', true)`` inside ``query_to_xml``), a
-  security-definer context refuses any change of role;
+  security-definer context refuses any change of role. The function rolls back what the SQL
+  wrote (large objects, ``pg_notify``, settings: a read-only transaction allows them) once it
+  has its rows; after the SQL, ``RESET ALL`` and ``pg_advisory_unlock_all()``;
 - MySQL/MariaDB: a source that is the state database is refused (a user's privileges cannot be
   narrowed for one query), and so is a user that can see syncer's tables.
 """
@@ -220,11 +225,14 @@ def _reset_session(conn: Connection) -> None:
     """Undo what the audience SQL may have set for the session (``set_config(name, value,
     false)`` outlives a committed transaction): the connection goes on to run syncer's own
     statements (the state database's, when the source is the state database itself), whose
-    names must not resolve through the SQL's ``search_path``. A connection that cannot be
+    names must not resolve through the SQL's ``search_path``; and session advisory locks
+    (``pg_advisory_lock``) would stay held by a pooled connection. A connection that cannot be
     reset is not used again."""
     try:
         with conn.begin():
             conn.exec_driver_sql("RESET ALL")
+            # Session-level advisory locks survive any transaction's end, and RESET ALL.
+            conn.exec_driver_sql("SELECT pg_advisory_unlock_all()")
     except SQLAlchemyError:
         conn.invalidate()
 
@@ -235,6 +243,7 @@ _SQLITE_ALLOWED = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_RECURSIVE})
 _SQLITE_SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_master"})
 _SQLITE_DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile"})
 BLOB_ID_FUNCTION = "syncer_blob_id"
+SQLITE_VALUE_LIMIT = 16 * 1024 * 1024  # bytes in one string or BLOB the audience SQL makes or reads
 
 
 def _sqlite_authorizer(
@@ -248,7 +257,10 @@ def _sqlite_authorizer(
         if action in _SQLITE_ALLOWED:
             return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_READ:
-            return sqlite3.SQLITE_DENY if (arg1 or "").lower() in hidden else sqlite3.SQLITE_OK
+            name = (arg1 or "").lower()
+            # sqlite_*: the schema, sqlite_sequence, sqlite_stat*, which name syncer's tables
+            denied = name in hidden or name.startswith("sqlite_")
+            return sqlite3.SQLITE_DENY if denied else sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_FUNCTION:
             denied = (arg2 or "").lower() in _SQLITE_DENIED_FUNCTIONS
             return sqlite3.SQLITE_DENY if denied else sqlite3.SQLITE_OK
@@ -267,9 +279,13 @@ def _sqlite_fence(conn: Connection, *, staging: bool) -> Iterator[None]:
     assert isinstance(raw, sqlite3.Connection)
     raw.create_function(BLOB_ID_FUNCTION, 1, _blob_text, deterministic=True)
     raw.set_authorizer(_sqlite_authorizer(staging))
+    # One function call is one step of the progress handler that enforces the timeout:
+    # ``printf('%.*c', 900000000, 'x')`` would run for a minute. Bound what one value may be.
+    length = raw.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SQLITE_VALUE_LIMIT)
     try:
         yield
     finally:
+        raw.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, length)
         raw.set_authorizer(None)
         raw.create_function(BLOB_ID_FUNCTION, 1, None)
 
@@ -294,27 +310,32 @@ _PG_FILE_FUNCTIONS = (
     "pg_file_unlink",
 )
 _PG_ROLE_CHECK = """
-SELECT r.rolname, r.rolsuper,
-       pg_has_role(r.oid, 'pg_write_server_files', 'USAGE'),
-       pg_has_role(r.oid, 'pg_execute_server_program', 'USAGE'),
-       pg_has_role(r.oid, 'pg_read_server_files', 'USAGE'),
-       EXISTS (SELECT FROM pg_proc p
-               JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid
-                                AND d.deptype = 'e'
+WITH reach AS (  -- the roles r may act as: SET ROLE reaches a NOINHERIT membership too
+  SELECT m.oid, m.rolsuper FROM pg_roles m, pg_roles r
+   WHERE r.rolname = COALESCE(%(role)s, current_user) AND pg_has_role(r.oid, m.oid, 'MEMBER')
+)
+SELECT r.rolname, EXISTS (SELECT FROM reach WHERE reach.rolsuper),
+       pg_has_role(r.oid, 'pg_write_server_files', 'MEMBER'),
+       pg_has_role(r.oid, 'pg_execute_server_program', 'MEMBER'),
+       pg_has_role(r.oid, 'pg_read_server_files', 'MEMBER')
+         OR pg_has_role(r.oid, 'pg_signal_backend', 'MEMBER'),
+       EXISTS (SELECT FROM pg_proc p, reach
+               JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.deptype = 'e'
                JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'dblink'
-               WHERE p.proname LIKE 'dblink%%'
-                 AND has_function_privilege(r.oid, p.oid, 'EXECUTE')),
-       EXISTS (SELECT FROM pg_foreign_server s WHERE has_server_privilege(r.oid, s.oid, 'USAGE')),
-       (SELECT string_agg(DISTINCT p.proname, ', ') FROM pg_proc p
+               WHERE d.objid = p.oid AND p.proname LIKE 'dblink%%'
+                 AND has_function_privilege(reach.oid, p.oid, 'EXECUTE')),
+       EXISTS (SELECT FROM pg_foreign_server s, reach
+                WHERE has_server_privilege(reach.oid, s.oid, 'USAGE')),
+       (SELECT string_agg(DISTINCT p.proname, ', ') FROM pg_proc p, reach
          WHERE p.proname = ANY(%(file_functions)s)
-           AND has_function_privilege(r.oid, p.oid, 'EXECUTE')),
-       (SELECT string_agg(c.relname, ', ' ORDER BY c.relname) FROM pg_class c
+           AND has_function_privilege(reach.oid, p.oid, 'EXECUTE')),
+       (SELECT string_agg(DISTINCT c.relname, ', ' ORDER BY c.relname) FROM pg_class c, reach
          WHERE c.relname = ANY(%(tables)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
            AND c.relnamespace IN (SELECT m.relnamespace FROM pg_class m
                                    WHERE m.relname = %(marker)s AND m.relkind IN ('r', 'p'))
-           AND (has_table_privilege(r.oid, c.oid,
+           AND (has_table_privilege(reach.oid, c.oid,
                                     'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')
-                OR has_any_column_privilege(r.oid, c.oid, 'SELECT'))),
+                OR has_any_column_privilege(reach.oid, c.oid, 'SELECT'))),
        pg_has_role(current_user, r.oid, 'MEMBER'),
        current_user
   FROM pg_roles r
@@ -373,13 +394,16 @@ def _privileged_reason(
     files: str | None,
 ) -> str | None:
     if superuser:
-        return "is a superuser, which can write files and run programs"
+        return "is a superuser (or may SET ROLE to one), which can write files and run programs"
     if writes:
         return "is a member of pg_write_server_files, which can write files on the server"
     if programs:
         return "is a member of pg_execute_server_program, which can run programs on the server"
     if reads:
-        return "is a member of pg_read_server_files, which can read any file on the server"
+        return (
+            "is a member of pg_read_server_files or pg_signal_backend, which can read any file "
+            "on the server or end other sessions"
+        )
     if dblink:
         return "can use dblink, which opens connections that are not read-only"
     if foreign:
@@ -412,9 +436,19 @@ def _syncer_tables_refusal(source: Source, who: str, name: str, tables: str) -> 
     )
 
 
+# Raised by the definer function after the query, and caught there: it rolls back the block.
+_DISCARD = "SYR01"
+
+
 def _create_definer_function(conn: Connection, role: str) -> None:
     """``pg_temp.syncer_audience_ids(query)``: runs ``query`` as ``role`` and returns its one
-    text column. Made for this session before each use (a temporary object, gone with it)."""
+    text column. Made for this session before each use (a temporary object, gone with it).
+
+    The query runs in a block whose subtransaction is rolled back once its rows are taken (they
+    stay: ``RETURN QUERY`` keeps them outside it). The transaction around it is committed (it
+    stages ids), and a read-only transaction still writes large objects (``lo_create``,
+    ``lo_put``, ``lo_unlink``), sends ``pg_notify`` and keeps ``set_config(…, false)``: none of
+    that outlives the block."""
     quoted = conn.dialect.identifier_preparer.quote_identifier(role)
     with conn.begin():
         conn.exec_driver_sql("SET TRANSACTION READ WRITE")
@@ -422,7 +456,8 @@ def _create_definer_function(conn: Connection, role: str) -> None:
         conn.exec_driver_sql(
             f"CREATE FUNCTION pg_temp.{_DEFINER_FUNCTION}(query text) RETURNS SETOF text "
             "LANGUAGE plpgsql SECURITY DEFINER AS "
-            "$syncer$ BEGIN RETURN QUERY EXECUTE query; END $syncer$"
+            f"$syncer$ BEGIN BEGIN RETURN QUERY EXECUTE query; RAISE SQLSTATE '{_DISCARD}'; "
+            f"EXCEPTION WHEN SQLSTATE '{_DISCARD}' THEN NULL; END; END $syncer$"
         )
         conn.exec_driver_sql(f"ALTER FUNCTION pg_temp.{_DEFINER_FUNCTION}(text) OWNER TO {quoted}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,14 @@ SYNCER_TABLE_READS = [
     "SELECT name FROM sqlite_master",
     "SELECT name FROM pragma_table_info('syncer_settings')",
     "SELECT user_id FROM leaked_settings",  # a view over syncer_settings
+    "SELECT value FROM main.syncer_settings",
+    'SELECT value FROM "SYNCER_SETTINGS"',
+    "SELECT value FROM [Syncer_Settings]",
+    "SELECT name FROM sqlite_temp_schema",
+    "SELECT name FROM temp.sqlite_master",
+    "SELECT tbl FROM sqlite_stat1",  # ANALYZE names syncer's tables and indexes there
+    "SELECT file FROM pragma_database_list",
+    "SELECT load_extension('evil')",
 ]
 
 
@@ -72,9 +81,40 @@ def test_sqlite_audience_sql_never_reads_syncers_tables(lite_same: World) -> Non
     w = lite_same
     w.set_users(["u1", "u2"])
     w.source_sql("CREATE VIEW leaked_settings AS SELECT value AS user_id FROM syncer_settings")
+    w.source_sql("ANALYZE")
     for sql in SYNCER_TABLE_READS:
         message = _refused(w, sql)
         assert "may read data tables only" in message or "PRAGMA" in message, (sql, message)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT length(printf('%.*c', 900000000, 'x')) AS user_id",
+        "SELECT length(replace(hex(zeroblob(200000000)), '0', 'ab')) AS user_id",
+    ],
+)
+def test_sqlite_one_huge_value_ends_at_once(lite_same: World, sql: str) -> None:
+    """One function call is one step of the progress handler that enforces the timeout: without
+    a bound on a value, each of these ran for a minute and took gigabytes."""
+    w = lite_same
+    w.set_users(["u1"])
+    started = time.monotonic()
+    with contextlib.suppress(AudienceError):  # "string or blob too big", or cut short
+        w.create(sql=sql)
+    assert time.monotonic() - started < 10
+
+
+def test_sqlite_ids_of_every_type_are_their_text(lite_same: World) -> None:
+    w = lite_same
+    view = w.create(
+        sql="VALUES (1.5), (7), (9223372036854775807), (x'7531'), (NULL), "
+        "(printf('%.*c', 1000000, 'x')), ('u2')"
+    )
+    result = w.sync(view.key)
+    assert result.status == RUN_SUCCEEDED, result.error
+    assert w.current_members(view.key) == {"1.5", "7", "9223372036854775807", "u1", "u2"}
+    assert result.skipped == 2  # NULL, and the 1 MB id
 
 
 def test_sqlite_a_run_of_stored_sql_that_reads_syncers_tables_fails_and_sends_nothing(
@@ -507,3 +547,87 @@ if WITH_MARIADB:
         finally:
             with pymysql.connect(**MARIADB_ADMIN, autocommit=True) as admin, admin.cursor() as c:
                 c.execute(f"DROP DATABASE IF EXISTS `{source.database}`")
+
+
+# What a read-only transaction still lets through, on the state database's own connection -------
+
+PG_LEFT_BEHIND = [
+    # session advisory locks outlive the transaction, and RESET ALL
+    "SELECT user_id FROM users WHERE pg_advisory_lock(4242) IS NOT NULL",
+    "SELECT user_id FROM users WHERE pg_try_advisory_lock_shared(4243)",
+    # large objects are written even in a read-only transaction, and staging commits it
+    "SELECT user_id FROM users WHERE lo_from_bytea(0, 'x') IS NOT NULL",
+    "SELECT user_id FROM users WHERE lo_create(0) IS NOT NULL",
+    # session settings
+    "SELECT user_id FROM users WHERE set_config('search_path', 'pg_catalog', false) IS NOT NULL",
+    "SELECT user_id FROM users WHERE set_config('default_transaction_read_only', 'on', false) "
+    "IS NOT NULL",
+]
+
+
+@pytest.mark.postgres
+def test_postgresql_what_the_sql_does_on_the_state_connection_does_not_outlive_it(
+    pg_same: World,
+) -> None:
+    w = pg_same
+    view = w.create()
+    database = make_url(w.state_url).database
+    for sql in PG_LEFT_BEHIND:
+        with w.state.begin() as conn:
+            conn.execute(text("UPDATE audiences SET definition_sql = :sql"), {"sql": sql})
+        for _ in range(2):
+            result = w.sync(view.key)
+            assert result.status == RUN_SUCCEEDED, (sql, result.error)
+        assert w.current_members(view.key) == {"u1", "u2"}, sql
+        with pg_admin() as admin:
+            locks = admin.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                "WHERE l.locktype = 'advisory' AND d.datname = %s",
+                (database,),
+            ).fetchone()
+        assert locks == (0,), sql
+        assert w.scalar("SELECT count(*) FROM pg_largeobject_metadata") == 0, sql
+
+
+@pytest.mark.postgres
+def test_postgresql_the_sql_cannot_lift_its_own_timeout(pg_same: World) -> None:
+    w = pg_same
+    settings = _settings(
+        w.tmp_path,
+        w.state_url,
+        {},
+        extra=f'[sources.default]\nurl = "{w.state_url}"\nread_role = "{w.read_role}"\n'
+        "query_timeout_seconds = 1\n",
+        workflow_urls=w.urls,
+    )
+    sql = (
+        "SELECT user_id FROM users WHERE set_config('statement_timeout', '0', true) IS NOT NULL "
+        "AND pg_sleep(5) IS NOT NULL"
+    )
+    started = time.monotonic()
+    with pytest.raises(AudienceError, match="statement timeout"):
+        audiences.create(w.state, settings, name="Slow", sql=sql)
+    assert time.monotonic() - started < 4
+
+
+@pytest.mark.postgres
+def test_a_role_that_may_set_role_to_a_superuser_is_refused(pg_source: World) -> None:
+    """NOINHERIT: the role is no superuser until the SQL runs set_config('role', …, true), and
+    then it reads files."""
+    w = pg_source
+    grants = ["ALTER ROLE {role} NOINHERIT", f"GRANT {PG_ADMIN_ROLE} TO {{role}}"]
+    with (
+        _login_role(w.source_url, grants=grants) as role,
+        pytest.raises(AudienceError, match="may SET ROLE to one"),
+    ):
+        audiences.create(w.state, _as(w, role), name="Pro", sql="SELECT user_id FROM users")
+
+
+@pytest.mark.postgres
+def test_a_role_that_can_end_other_sessions_is_refused(pg_source: World) -> None:
+    w = pg_source
+    with (
+        _login_role(w.source_url, grants=["GRANT pg_signal_backend TO {role}"]) as role,
+        pytest.raises(AudienceError, match="pg_signal_backend"),
+    ):
+        audiences.create(w.state, _as(w, role), name="Pro", sql="SELECT user_id FROM users")

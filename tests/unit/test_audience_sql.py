@@ -17,6 +17,10 @@ ACCEPTED = [
     ("postgresql", "(SELECT 'a') UNION (SELECT 'b')", None),
     ("postgresql", "VALUES ('u1'), ('u2')", None),
     ("postgresql", "SELECT query_to_xml('select 1', true, true, '')", None),  # the DB judges
+    # what sqlglot and PostgreSQL both read as a comment or a string, never as SQL
+    ("postgresql", "SELECT user_id FROM users /* /* */ FOR UPDATE */", "SELECT user_id FROM users"),
+    ("postgresql", "SELECT $q$;DELETE FROM users$q$ AS user_id", None),
+    ("postgresql", "SELECT E'\\'' || user_id AS user_id FROM users", None),
     ("mysql", "SELECT user_id FROM users # hash comment", "SELECT user_id FROM users"),
     ("mariadb", "SELECT user_id FROM users", None),
     ("duckdb", "SELECT user_id FROM users", None),
@@ -35,6 +39,7 @@ REFUSED = [
     ("postgresql", "SELEC user_id FROM users", "not valid SQL for postgres"),
     ("sqlite", "SELECT 1 /* unterminated", "not valid SQL for sqlite"),
     ("postgresql", "SELECT 1; SELECT 2", "2 statements"),
+    ("postgresql", "SELECT 'a' AS user_id \\; DELETE FROM users", "not valid SQL"),  # psql's \;
     ("postgresql", "SELECT user_id FROM users; DELETE FROM users", "2 statements"),
     (
         "postgresql",
