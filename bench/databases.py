@@ -50,6 +50,15 @@ class Database:
     def connect_pg(self, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(self.target, autocommit=autocommit)
 
+    def as_own_source(self, *tables: str) -> dict[str, str]:
+        """``[sources.default]`` for audience SQL over these tables of this (state) database:
+        on PostgreSQL through the read role, which may read them and nothing of syncer's
+        (docs/security.md)."""
+        if self.kind != "postgresql":
+            return {"url": self.url}
+        self.let_reader_select(*tables)
+        return {"url": self.url, "read_role": PG_READER}
+
     def let_reader_select(self, *tables: str) -> None:
         """PostgreSQL: the read role may read these tables (and nothing of syncer's)."""
         if self.kind != "postgresql":

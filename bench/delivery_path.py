@@ -183,7 +183,11 @@ def prepare(dbs: Databases, kind: str, calls: int, url: str) -> Outbox:
     else:
         data.fill_pg_source(database.target, calls, ("members_v1",))
     settings = parse_settings(
-        {"database": {"url": database.url}, "tray": {"workflow_urls": [url]}},
+        {
+            "database": {"url": database.url},
+            "sources": {"default": database.as_own_source("members_v1")},
+            "tray": {"workflow_urls": [url]},
+        },
         base_dir=dbs.workdir,
     )
     engine = db.open_state(settings.database.url)

@@ -40,7 +40,7 @@ from sqlalchemy import Engine, insert, text, update
 from sqlalchemy.engine import make_url
 
 from bench import data
-from bench.databases import PG_READER, Database, Databases, checkpoint
+from bench.databases import Database, Databases, checkpoint
 from bench.timing import Samples, profile_to, statement_log, stopwatch
 from syncer import audiences, db, diff, sync
 from syncer.delivery import Target, register_destinations
@@ -80,10 +80,8 @@ def prepare(dbs: Databases, kind: str, size: int) -> Setup:
     db.upgrade(make_url(state.url))
     for database in (state, source):
         _fill_source(database, size, tables=("members_v2",))
-    state.let_reader_select("members_v2")
     tray = {"workflow_urls": [UNUSED_URL]}
-    # The state database as the source: on PostgreSQL, through a read role (docs/security.md).
-    same_source = {"url": state.url} | ({"read_role": PG_READER} if kind == "postgresql" else {})
+    same_source = state.as_own_source("members_v2")
     settings = {
         "same": parse_settings(
             {"database": {"url": state.url}, "sources": {"default": same_source}, "tray": tray},
