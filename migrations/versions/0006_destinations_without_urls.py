@@ -112,6 +112,9 @@ def _host_and_hash(key: str, url: str, taken: set[str], row_id: int) -> tuple[st
 
 def upgrade() -> None:
     bind = op.get_bind()
+    if bind.dialect.name == "sqlite":
+        # The URLs' bytes are overwritten on disk, not only unlinked from the table.
+        bind.exec_driver_sql("PRAGMA secure_delete = ON")
     key = _key()
     with op.batch_alter_table("destinations") as batch:
         batch.add_column(sa.Column("host", sa.String(HOST_LENGTH), nullable=True))
@@ -123,10 +126,13 @@ def upgrade() -> None:
     for row_id, url in rows:
         host, url_hash = _host_and_hash(key, url, taken, row_id)
         taken.add(url_hash)
+        # The URL itself is overwritten before its column goes: a dropped column's bytes stay
+        # in the rows on PostgreSQL and MySQL until they are rewritten (the old row versions
+        # there are freed by the next VACUUM).
         bind.execute(
             sa.update(destinations)
             .where(destinations.c.id == row_id)
-            .values(host=host, url_hash=url_hash)
+            .values(host=host, url_hash=url_hash, url=f"{PLACEHOLDER}{host}/{url_hash}")
         )
     with _foreign_keys_off(), op.batch_alter_table("destinations") as batch:
         batch.alter_column("host", existing_type=sa.String(HOST_LENGTH), nullable=False)
