@@ -107,7 +107,7 @@ class Target:
     ``destinations``, which stores the host and a keyed hash of the URL."""
 
     id: int
-    url: str
+    url: str = field(repr=False)  # a bearer secret: never in a repr, a log line or a traceback
 
     @property
     def host(self) -> str:

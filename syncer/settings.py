@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import idna
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -285,6 +284,8 @@ def _dns_or_ipv4(name: str, *, what: str) -> str:
         raise ConfigError(f"{what}: the URL has no host; use https://<id>.trayapp.io/<path>")
     if not name.isascii():
         try:
+            import idna  # only for a host that is not ASCII
+
             name = idna.encode(name, uts46=True).decode("ascii")
         except (idna.IDNAError, UnicodeError):
             raise ConfigError(

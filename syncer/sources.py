@@ -57,7 +57,6 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from syncer.audience_sql import embeddable
 from syncer.db import create_source_engine
 from syncer.errors import AudienceError, SourceError
 from syncer.models import MYSQL, USER_ID_LENGTH, Base
@@ -103,6 +102,9 @@ def open_source(settings: Settings, name: str) -> Source:
 def normalize_sql(sql: str, dialect: str) -> str:
     """The audience SQL as syncer stores and embeds it; refuses what is not one read-only query
     (see ``syncer.audience_sql``)."""
+    # Imported here: sqlglot is large, and most commands never parse audience SQL.
+    from syncer.audience_sql import embeddable
+
     return embeddable(sql, dialect)
 
 

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
@@ -48,7 +47,7 @@ from syncer.models import (
     RUN_SUCCEEDED,
     SyncRun,
 )
-from syncer.settings import Settings
+from syncer.settings import Settings, url_host
 from syncer.sources import describe_db_error, open_source
 
 logger = logging.getLogger(__name__)
@@ -314,7 +313,7 @@ def run_error_text(exc: BaseException, settings: Settings) -> str:
     else:
         text = f"{type(exc).__name__}: {exc}".rstrip(": ")
     for url in settings.tray.workflow_urls:
-        text = text.replace(url, urlsplit(url).hostname or "?")
+        text = text.replace(url, url_host(url))
     lines = text.strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:ERROR_LENGTH]
 
