@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from syncer import audiences, leases, loops, privacy
+from syncer import audiences, leases, logs, loops, privacy
 from syncer.delivery import (
     Audience,
     Target,
@@ -66,6 +66,7 @@ def run_audience(audience_id: int) -> None:
             audience_id,
             run_error_text(exc, ctx.settings),
         )
+        logs.trace(logger, exc)
 
 
 def _run_audience(ctx: ServiceContext, audience_id: int) -> None:
@@ -92,6 +93,7 @@ def retry_owed() -> None:
         owing = audiences_owed(ctx.state, [t.id for t in targets])
     except Exception as exc:
         logger.error("retrying owed deliveries: %s", run_error_text(exc, ctx.settings))
+        logs.trace(logger, exc)
         return
     try:
         privacy.forward_deletes(ctx.state, ctx.settings, stop=ctx.stopping, due_only=True)
@@ -99,6 +101,7 @@ def retry_owed() -> None:
         pass  # a `syncer users delete` is sending them
     except Exception as exc:
         logger.error("retrying owed user deletions: %s", run_error_text(exc, ctx.settings))
+        logs.trace(logger, exc)
     for audience in owing:
         if ctx.stopping.is_set():
             return
@@ -110,6 +113,7 @@ def retry_owed() -> None:
                 audience.key,
                 run_error_text(exc, ctx.settings),
             )
+            logs.trace(logger, exc)
 
 
 def _retry_audience(ctx: ServiceContext, audience: Audience, targets: list[Target]) -> None:

@@ -7,6 +7,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from syncer.errors import SyncerError
+
 # Request lines would name workflow URLs, which are credentials of a kind: never log them.
 QUIET_LOGGERS = ("httpx", "httpcore", "apscheduler")
 
@@ -47,3 +49,10 @@ def configure(level: str, fmt: str) -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
+
+
+def trace(log: logging.Logger, exc: BaseException) -> None:
+    """After a one-line error: the traceback of an exception that is not one of syncer's own
+    (a bug, or a library's surprise), at debug level, so ``--log-level debug`` shows where."""
+    if not isinstance(exc, SyncerError):
+        log.debug("where the error above came from", exc_info=exc)

@@ -41,7 +41,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine, String, func, select, type_coerce
 
-from syncer import jobs, leases, workers
+from syncer import jobs, leases, logs, workers
 from syncer.models import AUDIENCE_ACTIVE, AUDIENCES, SyncRun
 from syncer.settings import Settings
 
@@ -93,6 +93,7 @@ class GuardedScheduler(BackgroundScheduler):  # type: ignore[misc]  # APSchedule
             wait: float | None = super()._process_jobs()
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
+            logs.trace(logger, exc)
             return None  # wait to be shut down
         return wait
 
@@ -127,6 +128,7 @@ class Service:
                         "cannot reach the state database (%s); trying again",
                         leases.describe_error(exc),
                     )
+                    logs.trace(logger, exc)
                     unreachable = True
                 self.stopping.wait(STANDBY_POLL_SECONDS)
                 continue
@@ -201,6 +203,7 @@ class Service:
                     if failing is None:
                         failing = leases.describe_error(exc)
                         logger.warning("could not read the audiences (%s); trying again", failing)
+                        logs.trace(logger, exc)
                     if time.monotonic() - reconciled >= LEADER_FAILING_SECONDS:
                         logger.error(
                             "could not read the audiences for %ds (%s); giving up leadership "
@@ -312,6 +315,7 @@ class Service:
                     next_run_time=first,
                 )
             except Exception as exc:
+                logs.trace(logger, exc)
                 plans.pop(audience_id, None)
                 self._remove_job(scheduler, audience_id)
                 unschedulable[audience_id] = plan

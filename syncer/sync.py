@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from syncer import audiences, diff, leases, loops
+from syncer import audiences, diff, leases, logs, loops
 from syncer.audiences import AudienceView
 from syncer.db import write_transaction
 from syncer.delivery import (
@@ -104,6 +104,7 @@ def sync_audiences(
             # it is in history, so the result says why.
             error = run_error_text(exc, settings)
             logger.error("audience %s could not be run: %s", view.key, error)
+            logs.trace(logger, exc)
             result = RunResult(
                 run_id=None, audience_key=view.key, kind=None, status=RUN_FAILED, error=error
             )
@@ -192,8 +193,7 @@ def _run_leased(
         # state database refused something of this audience, or a bug: this audience's run
         # fails, with its error in history; the others go on.
         failure = run_error_text(exc, settings)
-        if not isinstance(exc, SyncerError):
-            logger.debug("audience %s: run %d failed", audience.key, run_id, exc_info=True)
+        logs.trace(logger, exc)
         finish_run(state, run_id, RUN_FAILED, error=failure)
         return RunResult(
             run_id=run_id,
