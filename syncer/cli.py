@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from syncer import __version__, audiences, db, history, logs
 from syncer.errors import ConfigError, SyncerError, UsageError
 from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_PAUSED, DELIVERY_STATUSES
-from syncer.settings import Settings, load_settings, settings_path
+from syncer.settings import Settings, is_utf8, load_settings, settings_path
 
 if TYPE_CHECKING:
     from syncer.sync import RunResult
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_FAILED, str(exc))
     except SQLAlchemyError as exc:
         logger.debug("database error", exc_info=True)
-        return _fail(EXIT_FAILED, f"database error: {_first_line(exc)}")
+        return _fail(EXIT_FAILED, f"database error: {db.first_line(exc)}")
     except KeyboardInterrupt:
         return _fail(130, "interrupted")
     except Exception as exc:
@@ -208,12 +208,6 @@ def _unexpected(exc: Exception) -> int:
     logger.debug("unexpected error", exc_info=exc)
     text = " ".join(str(exc).split())
     return _fail(EXIT_FAILED, f"unexpected error: {type(exc).__name__}: {_shorten(text, 300)}")
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    lines = str(orig).strip().splitlines()
-    return lines[0] if lines else type(orig).__name__
 
 
 def _stdout_closed() -> bool:
@@ -235,20 +229,12 @@ def _check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if dest in PATH_ARGUMENTS:
             continue
         for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and not _is_utf8(item):
+            if isinstance(item, str) and not is_utf8(item):
                 raw = item.encode("utf-8", "surrogateescape" if _is_escaped(item) else "replace")
                 raise UsageError(
                     f"argument {names.get(dest, dest)} is not valid UTF-8 text "
                     f"({_shorten(repr(raw), 60)}); give names, keys, ids and SQL as UTF-8"
                 )
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _is_escaped(text: str) -> bool:
@@ -346,7 +332,7 @@ def _state_database_problems(state: Engine) -> Iterator[None]:
             raise
         logger.debug("database error", exc_info=True)
         raise ConfigError(
-            f"the state database {db.safe_url(state.url)}: {_first_line(exc)}; {fix}"
+            f"the state database {db.safe_url(state.url)}: {db.first_line(exc)}; {fix}"
         ) from None
 
 

@@ -40,7 +40,7 @@ def _engine(url: URL, **options: Any) -> Engine:
     except (NoSuchModuleError, ImportError) as exc:
         raise ConfigError(
             f"the database driver {url.drivername!r} of {safe_url(url)} is not installed or "
-            f"unknown ({_first_line(exc)}); install its package (e.g. pip install "
+            f"unknown ({first_line(exc)}); install its package (e.g. pip install "
             "'syncer[postgres]') or fix the URL"
         ) from None
 
@@ -179,7 +179,7 @@ def upgrade(url: URL, revision: str = "head") -> None:
         command.upgrade(alembic_config(url), revision)
     except SQLAlchemyError as exc:
         raise ConfigError(
-            f"cannot upgrade the state database {safe_url(url)}: {_first_line(exc)}"
+            f"cannot upgrade the state database {safe_url(url)}: {first_line(exc)}"
         ) from None
 
 
@@ -200,14 +200,14 @@ def check_schema(engine: Engine) -> None:
         conn = engine.connect()
     except SQLAlchemyError as exc:
         raise ConfigError(
-            f"cannot open the state database {safe_url(engine.url)}: {_first_line(exc)}"
+            f"cannot open the state database {safe_url(engine.url)}: {first_line(exc)}"
         ) from None
     try:
         with conn:
             current = set(MigrationContext.configure(conn).get_current_heads())
     except OperationalError as exc:
         raise ConfigError(
-            f"cannot open the state database {safe_url(engine.url)}: {_first_line(exc)}"
+            f"cannot open the state database {safe_url(engine.url)}: {first_line(exc)}"
         ) from None
     if current != heads:
         what = "has no schema" if not current else "has an older schema"
@@ -267,6 +267,9 @@ def write_transaction(engine: Engine, held: Connection | None = None) -> Iterato
             yield conn
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """A database error in one line: the driver's own message (SQLAlchemy's wrapper, with its
+    statement and bound values, left out), or the error's type when it says nothing."""
     orig = getattr(exc, "orig", None) or exc
-    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__

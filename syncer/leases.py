@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import Column, Engine, Row, Table, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from syncer.db import write_transaction
+from syncer.db import first_line, write_transaction
 from syncer.errors import LeaseHeldError
 from syncer.models import RUN_INTERRUPTED, RUN_RUNNING, SERVICE_LEASES, SYNC_LEASES, SyncRun
 
@@ -175,8 +175,8 @@ class Lease:
 def describe_error(exc: BaseException) -> str:
     """A database error in one line, without statements or bound values."""
     orig = getattr(exc, "orig", None) or exc
-    lines = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {lines[0]}" if lines else type(orig).__name__
+    name = type(orig).__name__
+    return f"{name}: {first_line(exc)}" if str(orig).strip() else name
 
 
 def _take(kind: _Kind, engine: Engine, key: object, *, on_takeover: Any = None) -> Lease | Row[Any]:

@@ -661,7 +661,7 @@ def _database_url(value: Any, base_dir: Path, what: str) -> URL:
         raise ConfigError(f'{what} must be a database URL string, like "sqlite:///syncer.db"')
     if any(ord(char) < 32 or ord(char) == 127 for char in value.strip()):
         raise ConfigError(f"{what} contains a control character (a NUL byte, a line break…)")
-    if not _is_utf8(value):
+    if not is_utf8(value):
         raise ConfigError(f"{what} is not valid UTF-8 text (check the variables it reads)")
     try:
         url = make_url(value.strip())
@@ -739,7 +739,7 @@ def _secret(value: Any, what: str) -> Secret | None:
         raise ConfigError(f'{what} must be a non-empty string, like "${{TRAY_SHARED_SECRET}}"')
     # Never shown, so say what is wrong with it, not what it is: these are copy-paste slips
     # (a trailing newline, bytes that are not UTF-8) that would sign every call wrongly.
-    if not _is_utf8(value):
+    if not is_utf8(value):
         raise ConfigError(f"{what} is not valid UTF-8 text (check the variable it reads)")
     if value != value.strip() or any(unicodedata.category(ch)[0] == "C" for ch in value):
         raise ConfigError(
@@ -749,7 +749,7 @@ def _secret(value: Any, what: str) -> Secret | None:
     return Secret(value)
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates: bytes from the environment that are not UTF-8
