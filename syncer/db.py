@@ -10,13 +10,17 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, column, create_engine, event, inspect, table, update
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from syncer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from syncer.settings import SourceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,21 +37,26 @@ def safe_url(url: URL) -> str:
 
 def _engine(url: URL, **options: Any) -> Engine:
     """``create_engine``, with bound values kept out of errors and logs (a statement's
-    parameters can hold user ids and workflow URL hashes), and a driver that is not installed
-    reported as bad settings."""
+    parameters can hold user ids and workflow URL hashes), and a dialect or driver that is not
+    installed reported as bad settings, with what to install."""
+    from syncer.dialects import install_hint
+
     try:
         return create_engine(url, hide_parameters=True, **options)
     except (NoSuchModuleError, ImportError) as exc:
         raise ConfigError(
             f"the database driver {url.drivername!r} of {safe_url(url)} is not installed or "
-            f"unknown ({first_line(exc)}); install its package (e.g. pip install "
-            "'syncer[postgres]') or fix the URL"
+            f"unknown ({first_line(exc)}); {install_hint(url)}"
+        ) from None
+    except Exception as exc:  # a dialect that checks more at once (BigQuery: credentials)
+        raise ConfigError(
+            f"cannot set up the database {safe_url(url)}: {first_line(exc)}"
         ) from None
 
 
 def check_driver(url: URL) -> None:
     """ConfigError now, not at a run, when the driver of ``url`` is unknown or not installed."""
-    _engine(url).dispose()
+    _engine(url, poolclass=NullPool).dispose()
 
 
 def create_state_engine(url: URL) -> Engine:
@@ -100,12 +109,15 @@ def open_state(url: URL) -> Engine:
     return engine
 
 
-def create_source_engine(url: URL) -> Engine:
-    """A source database. SQLite sources open read-only (``mode=ro``, ``query_only``)."""
-    if url.get_backend_name() == "sqlite":
+def create_source_engine(source: SourceSettings) -> Engine:
+    """A source database. SQLite sources open read-only (``mode=ro``, ``query_only``); other
+    dialects as ``syncer.dialects`` says."""
+    url = source.url
+    if url.get_backend_name() in ("sqlite", "duckdb"):
         path = Path(url.database or "")
         if not path.exists():
             raise ConfigError(f"source database file {str(path)!r} does not exist")
+    if url.get_backend_name() == "sqlite":
         ro = URL.create("sqlite", database=f"file:{path}", query={"mode": "ro", "uri": "true"})
         engine = _engine(ro)
         event.listen(engine, "connect", _sqlite_readonly_on_connect)
@@ -121,7 +133,19 @@ def create_source_engine(url: URL) -> Engine:
                 **_connect_timeout(url),
             },
         )
-    return _engine(url, pool_pre_ping=True)
+    if url.get_backend_name() in ("mysql", "mariadb"):
+        return _engine(url, pool_pre_ping=True)
+    from syncer.dialects import engine_options
+
+    options, finish = engine_options(
+        url,
+        timeout_seconds=source.query_timeout_seconds,
+        allowed_directories=source.allowed_directories,
+    )
+    engine = _engine(url, **options)
+    if finish is not None:
+        finish(engine)
+    return engine
 
 
 def _sqlite_readonly_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:

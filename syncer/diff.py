@@ -47,6 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from syncer import privacy
+from syncer.dialects import Deadline
 from syncer.models import (
     DELIVERIES,
     DELIVERY_CANCELLED,
@@ -277,11 +278,12 @@ def _stage_streamed(conn: Connection, source: Source, sql: str) -> Loaded:
         with source.engine.connect() as src, fenced(src, source) as reader:
             query = reader.member_query(sql, reader.id_column(sql))
             with (
-                _driver_cursor(src, query.raw) as cursor,
+                _driver_cursor(src, query.raw, reader.deadline) as cursor,
                 conn.begin(),
                 _bulk_load(conn) as load,
             ):
                 while batch := cursor.fetchmany(STREAM_BATCH):
+                    reader.check_deadline()
                     good, bad = _valid_rows(batch)
                     skipped += bad
                     if good:
@@ -294,7 +296,9 @@ def _stage_streamed(conn: Connection, source: Source, sql: str) -> Loaded:
 
 
 @contextlib.contextmanager
-def _driver_cursor(src: Connection, query: Select[Any]) -> Iterator[Any]:
+def _driver_cursor(
+    src: Connection, query: Select[Any], deadline: Deadline | None = None
+) -> Iterator[Any]:
     """The query's rows straight from the driver, arriving as they are fetched."""
     compiled = query.compile(dialect=src.dialect)
     params: Any = compiled.params
@@ -307,13 +311,35 @@ def _driver_cursor(src: Connection, query: Select[Any]) -> Iterator[Any]:
         cursor = raw.cursor(name="syncer_source")
     elif src.dialect.name in MYSQL:
         cursor = raw.cursor(src.dialect.loaded_dbapi.cursors.SSCursor)
+    elif src.dialect.name in ("sqlite", "duckdb"):
+        cursor = raw.cursor()  # both stream from the cursor as it is read
     else:
-        cursor = raw.cursor()
+        # Any other dialect: SQLAlchemy executes it, as the dialect needs (its own parameter
+        # handling), with a server-side cursor where the dialect has one.
+        result = src.execution_options(stream_results=True).execute(query)
+        cancel = getattr(result.cursor, "cancel", None)
+        if deadline is not None and callable(cancel):
+            deadline.cancellers.append(cancel)
+        try:
+            yield _Tuples(result)
+        finally:
+            result.close()
+        return
     try:
         cursor.execute(str(compiled), params)
         yield cursor
     finally:
         cursor.close()
+
+
+class _Tuples:
+    """A SQLAlchemy result read as a driver's cursor: ``fetchmany`` gives plain tuples."""
+
+    def __init__(self, result: Any) -> None:
+        self._result = result
+
+    def fetchmany(self, size: int) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in self._result.fetchmany(size)]
 
 
 def _valid_rows(batch: Sequence[Any]) -> tuple[Sequence[tuple[str]], int]:

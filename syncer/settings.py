@@ -44,6 +44,21 @@ DEFAULT_EVERY = "3h"
 DEFAULT_TIMEZONE = "UTC"
 DEFAULT_SHUTDOWN_GRACE = "30s"
 DEFAULT_QUERY_TIMEOUT_SECONDS = 300.0
+# Databases that can hold syncer's state; sources may use any SQLAlchemy dialect.
+STATE_BACKENDS = ("sqlite", "postgresql", "mysql", "mariadb")
+SOURCE_ONLY_HINT = frozenset(
+    {
+        "duckdb",
+        "snowflake",
+        "bigquery",
+        "redshift",
+        "clickhouse",
+        "clickhousedb",
+        "trino",
+        "databricks",
+    }
+)
+MAX_ALLOWED_DIRECTORIES = 100
 MAX_WORKFLOW_URLS = 10
 MAX_SETTINGS_BYTES = 1024 * 1024  # a settings file is a few KB; never read one unbounded
 
@@ -347,6 +362,8 @@ class SourceSettings:
     # Run audience SQL even though the source's role can reach past a read-only transaction
     # (a superuser, pg_write_server_files, a usable dblink ...). Off: such a role is refused.
     allow_privileged_role: bool = False
+    # DuckDB: the only folders audience SQL may read files from (external access is off).
+    allowed_directories: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -483,14 +500,21 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             raise ConfigError(f"{where} must be a table with a url")
         _only(
             src_raw,
-            {"url", "query_timeout_seconds", "read_role", "allow_privileged_role"},
+            {
+                "url",
+                "query_timeout_seconds",
+                "read_role",
+                "allow_privileged_role",
+                "allowed_directories",
+            },
             where=where,
         )
         if "url" not in src_raw:
             raise ConfigError(f'{where} needs a url, like url = "sqlite:///warehouse.db"')
+        source_url = _database_url(src_raw["url"], base_dir, f"{where} url", source=True)
         sources[name] = SourceSettings(
             name=name,
-            url=_database_url(src_raw["url"], base_dir, f"{where} url"),
+            url=source_url,
             query_timeout_seconds=_number(
                 src_raw.get("query_timeout_seconds", DEFAULT_QUERY_TIMEOUT_SECONDS),
                 f"{where} query_timeout_seconds",
@@ -500,6 +524,9 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             read_role=_role_name(src_raw.get("read_role"), f"{where} read_role"),
             allow_privileged_role=_flag(
                 src_raw.get("allow_privileged_role", False), f"{where} allow_privileged_role"
+            ),
+            allowed_directories=_allowed_directories(
+                src_raw.get("allowed_directories"), source_url, base_dir, where
             ),
         )
     sources.setdefault(DEFAULT_SOURCE, SourceSettings(name=DEFAULT_SOURCE, url=database.url))
@@ -656,7 +683,10 @@ def _only(raw: Mapping[str, Any], allowed: set[str], *, where: str) -> None:
         )
 
 
-def _database_url(value: Any, base_dir: Path, what: str) -> URL:
+def _database_url(value: Any, base_dir: Path, what: str, *, source: bool = False) -> URL:
+    """A database URL from the settings. The state database is SQLite, PostgreSQL or
+    MySQL/MariaDB; a source (``source=True``) may use any SQLAlchemy dialect (whether it is
+    installed is checked where it is used: ``db.check_driver``)."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f'{what} must be a database URL string, like "sqlite:///syncer.db"')
     if any(ord(char) < 32 or ord(char) == 127 for char in value.strip()):
@@ -672,10 +702,14 @@ def _database_url(value: Any, base_dir: Path, what: str) -> URL:
             "postgresql+psycopg://user@host/db"
         ) from None
     backend = url.get_backend_name()
-    if backend not in ("sqlite", "postgresql", "mysql", "mariadb"):
+    if not source and backend not in STATE_BACKENDS:
+        hint = " (it can be a source: [sources.NAME] url)" if backend in SOURCE_ONLY_HINT else ""
         raise ConfigError(
-            f"{what}: database {backend!r} is not supported; use sqlite, postgresql or mysql"
+            f"{what}: database {backend!r} cannot hold syncer's state{hint}; use sqlite, "
+            "postgresql or mysql"
         )
+    if backend == "duckdb":
+        return _duckdb_url(url, base_dir, what)
     if backend == "postgresql" and url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     if backend in ("mysql", "mariadb") and "+" not in url.drivername:
@@ -706,6 +740,61 @@ def _database_url(value: Any, base_dir: Path, what: str) -> URL:
         except OSError:  # a name too long, a folder we cannot look into: SQLite will say
             pass
     return url
+
+
+def _duckdb_url(url: URL, base_dir: Path, what: str) -> URL:
+    """A DuckDB file, its path resolved beside the settings file (as SQLite's is)."""
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith(("md:", "motherduck:")):
+        raise ConfigError(
+            f"{what}: use a DuckDB file path, like duckdb:///warehouse.duckdb (in-memory and "
+            "MotherDuck databases are not supported as sources)"
+        )
+    if url.query:
+        # DuckDB options arrive as ?name=value config: syncer sets its own (read_only, external
+        # access off, allowed_directories) and lets none of them be loosened from the URL
+        raise ConfigError(
+            f"{what}: a DuckDB URL takes no ?options ({', '.join(sorted(url.query))}); "
+            "remove them, like duckdb:///warehouse.duckdb"
+        )
+    db_path = Path(database)
+    if not db_path.is_absolute():
+        db_path = (base_dir / db_path).resolve()
+        url = url.set(database=str(db_path))
+    return url
+
+
+def _allowed_directories(value: Any, url: URL, base_dir: Path, where: str) -> tuple[Path, ...]:
+    what = f"{where} allowed_directories"
+    if value is None:
+        return ()
+    if url.get_backend_name() != "duckdb":
+        raise ConfigError(f"{what} applies to DuckDB sources only; remove it")
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f'{what} must be a list of folder paths, like ["exports/"]')
+    if len(value) > MAX_ALLOWED_DIRECTORIES:
+        raise ConfigError(
+            f"{what} lists {len(value)} folders; give at most {MAX_ALLOWED_DIRECTORIES}"
+        )
+    folders = []
+    for entry in value:
+        if any(ord(char) < 32 or ord(char) == 127 for char in entry) or not is_utf8(entry):
+            raise ConfigError(f"{what}: {_shown(_cut(entry))} is not a usable path")
+        path = Path(entry)
+        folder = (path if path.is_absolute() else base_dir / path).resolve()
+        try:
+            is_dir = folder.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            raise ConfigError(f"{what}: {_shown(str(folder))} is not a folder")
+        if folder == Path(folder.anchor):
+            raise ConfigError(
+                f"{what}: {_shown(str(folder))} is the whole file system; list the folders "
+                "that hold the files audiences read"
+            )
+        folders.append(folder)
+    return tuple(dict.fromkeys(folders))
 
 
 def _workflow_urls(value: Any) -> tuple[str, ...]:
