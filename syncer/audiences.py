@@ -36,7 +36,7 @@ from syncer.settings import (
     parse_duration,
     validate_cron,
 )
-from syncer.sources import check_definition, open_source
+from syncer.sources import check_definition, normalize_sql, open_source
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,9 @@ def _validated_name(name: str) -> tuple[str, str]:
 
 
 def _check_sql(settings: Settings, source_name: str, sql: str) -> str:
+    # Parsed in the source's dialect before anything connects (or, for some warehouses' dialects,
+    # looks for credentials): a refusal is the SQL's, not a connection's.
+    normalize_sql(sql, settings.source(source_name).url.get_backend_name())
     source = open_source(settings, source_name)
     try:
         return check_definition(source, sql)
