@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from syncer.dialects import KNOWN
 from syncer.errors import ConfigError
 
 SETTINGS_ENV = "SYNCER_SETTINGS"
@@ -46,18 +47,6 @@ DEFAULT_SHUTDOWN_GRACE = "30s"
 DEFAULT_QUERY_TIMEOUT_SECONDS = 300.0
 # Databases that can hold syncer's state; sources may use any SQLAlchemy dialect.
 STATE_BACKENDS = ("sqlite", "postgresql", "mysql", "mariadb")
-SOURCE_ONLY_HINT = frozenset(
-    {
-        "duckdb",
-        "snowflake",
-        "bigquery",
-        "redshift",
-        "clickhouse",
-        "clickhousedb",
-        "trino",
-        "databricks",
-    }
-)
 MAX_ALLOWED_DIRECTORIES = 100
 MAX_WORKFLOW_URLS = 10
 MAX_SETTINGS_BYTES = 1024 * 1024  # a settings file is a few KB; never read one unbounded
@@ -703,7 +692,7 @@ def _database_url(value: Any, base_dir: Path, what: str, *, source: bool = False
         ) from None
     backend = url.get_backend_name()
     if not source and backend not in STATE_BACKENDS:
-        hint = " (it can be a source: [sources.NAME] url)" if backend in SOURCE_ONLY_HINT else ""
+        hint = " (it can be a source: [sources.NAME] url)" if backend in KNOWN else ""
         raise ConfigError(
             f"{what}: database {backend!r} cannot hold syncer's state{hint}; use sqlite, "
             "postgresql or mysql"
