@@ -247,7 +247,13 @@ def engine_options(
         seconds = max(1, round(timeout_seconds))
         return {
             "pool_pre_ping": True,
-            "connect_args": {"session_configuration": {"STATEMENT_TIMEOUT": str(seconds)}},
+            "connect_args": {
+                "session_configuration": {"STATEMENT_TIMEOUT": str(seconds)},
+                # The connector retries an unreachable host for up to 15 minutes by default,
+                # outside any query deadline: bound it.
+                "_retry_stop_after_attempts_count": DATABRICKS_CONNECT_ATTEMPTS,
+                "_retry_stop_after_attempts_duration": DATABRICKS_RETRY_SECONDS,
+            },
         }, None
     if backend == "clickhousedb":
         seconds = max(1, round(timeout_seconds))
@@ -266,6 +272,9 @@ def engine_options(
         return {"pool_pre_ping": True}, on_connect
     return {"pool_pre_ping": True}, None
 
+
+DATABRICKS_CONNECT_ATTEMPTS = 5
+DATABRICKS_RETRY_SECONDS = 60.0
 
 # DuckDB: how long a run waits for a process that has the file open for writing.
 DUCKDB_LOCK_RETRY_SECONDS = 0.25

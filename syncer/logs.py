@@ -31,6 +31,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _OwnOrAskedFor(logging.Filter):
+    """syncer's own records at the configured level. A library's (a warehouse driver's retries,
+    warnings and errors, which syncer reports in its own words) only when more was asked for:
+    its warnings and errors at ``info`` (``serve``'s default), everything at ``debug``. At a
+    command's default, ``warning``, its error stays the one line it is."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "syncer" or record.name.startswith("syncer."):
+            return True
+        if self.level <= logging.DEBUG:
+            return True
+        return self.level <= logging.INFO and record.levelno >= logging.WARNING
+
+
 # How this process's logging was configured: helper processes log the same way.
 configured: tuple[str, str] | None = None
 
@@ -44,8 +62,9 @@ def configure(level: str, fmt: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
+    handler.addFilter(_OwnOrAskedFor(root.level))
+    root.handlers[:] = [handler]
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))

@@ -776,10 +776,10 @@ def _allowed_directories(value: Any, url: URL, base_dir: Path, where: str) -> tu
         except OSError:
             is_dir = False
         if not is_dir:
-            raise ConfigError(f"{what}: {_shown(str(folder))} is not a folder")
+            raise ConfigError(f"{what}: {_shown_path(folder)} is not a folder")
         if folder == Path(folder.anchor):
             raise ConfigError(
-                f"{what}: {_shown(str(folder))} is the whole file system; list the folders "
+                f"{what}: {_shown_path(folder)} is the whole file system; list the folders "
                 "that hold the files audiences read"
             )
         folders.append(folder)

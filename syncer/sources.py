@@ -28,6 +28,7 @@ changes the session), then always run wrapped as a subquery inside ``fenced``:
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -59,7 +60,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from syncer.db import create_source_engine
-from syncer.dialects import Deadline, announce, client_deadline
+from syncer.dialects import Deadline, announce, client_deadline, is_duckdb_lock_error
 from syncer.errors import AudienceError, SourceError
 from syncer.models import MYSQL, USER_ID_LENGTH, Base
 from syncer.settings import Settings, SourceSettings
@@ -785,12 +786,24 @@ def describe_db_error(exc: BaseException) -> str:
     """The database's own one-line message, without SQLAlchemy's noise or bound values."""
     orig = getattr(exc, "orig", None) or exc
     message = str(orig).strip()
+    if is_duckdb_lock_error(exc):
+        found = _DUCKDB_LOCK.search(message)
+        path, holder = (found.group(1), f" ({found.group(2)})") if found else ("", "")
+        return (
+            f"the DuckDB file {path} is open for writing in another process{holder}, and "
+            "DuckDB lets one process write or several read (could not set lock on file); "
+            "syncer waited query_timeout_seconds for it: let the writer finish or close it, "
+            "or raise query_timeout_seconds"
+        ).replace("file  is", "file is")
     if "interrupted" in message.lower() and isinstance(orig, sqlite3.OperationalError):
         return "the query ran past the source's query_timeout_seconds"
     denied = ("not authorized", "is prohibited")
     if isinstance(orig, sqlite3.DatabaseError) and any(d in message.lower() for d in denied):
         return f"{message.splitlines()[0]}: audience SQL may read data tables only"
     return message.splitlines()[0] if message else type(orig).__name__
+
+
+_DUCKDB_LOCK = re.compile(r'lock on file ("[^"]*")(?:.*?(PID \d+))?')
 
 
 def run_error(source: Source, exc: Exception) -> SourceError:
