@@ -50,6 +50,7 @@ _CLIENT_CANCEL = (
     "syncer cancels the query from the client when it runs past query_timeout_seconds "
     "(the driver's cancel), and checks the time between batches"
 )
+_BATCH_CHECK = "syncer checks the time between batches (the driver has no cancel)"
 
 KNOWN: dict[str, Dialect] = {
     dialect.name: dialect
@@ -81,7 +82,7 @@ KNOWN: dict[str, Dialect] = {
             title="MySQL",
             extra="mysql",
             read_only="SET SESSION TRANSACTION READ ONLY",
-            timeout="max_statement_time (MariaDB) / the server's own limit",
+            timeout="SET SESSION max_execution_time (MySQL's limit on a SELECT)",
             streaming="an unbuffered server-side cursor (SSCursor)",
             tested=True,
             server_timeout=True,
@@ -114,7 +115,7 @@ KNOWN: dict[str, Dialect] = {
             title="Snowflake",
             extra="snowflake",
             read_only=_ROLE_ONLY,
-            timeout="the session parameter STATEMENT_TIMEOUT_IN_SECONDS, and " + _CLIENT_CANCEL,
+            timeout="the session parameter STATEMENT_TIMEOUT_IN_SECONDS, and " + _BATCH_CHECK,
             streaming="the connector fetches result chunks as they are read (fetchmany)",
             tested=False,
             server_timeout=True,
@@ -124,7 +125,7 @@ KNOWN: dict[str, Dialect] = {
             title="BigQuery",
             extra="bigquery",
             read_only=_ROLE_ONLY,
-            timeout=_CLIENT_CANCEL,
+            timeout=_BATCH_CHECK + "; a query syncer gave up on may still run on BigQuery",
             streaming="the result is read page by page (fetchmany)",
             tested=False,
             server_timeout=False,
@@ -145,7 +146,8 @@ KNOWN: dict[str, Dialect] = {
             extra="clickhouse",
             read_only=_ROLE_ONLY + "; a user whose settings profile sets readonly = 1 is "
             "read-only whatever it is granted",
-            timeout="the setting max_execution_time, and syncer checks the time between batches",
+            timeout="the setting max_execution_time (a readonly = 1 profile ignores it: set it "
+            "in the profile too), and " + _BATCH_CHECK,
             streaming="the driver (clickhouse-connect) buffers the whole result before the "
             "first batch: memory grows with the audience",
             tested=False,
@@ -214,7 +216,13 @@ def announce(backend: str, source_name: str) -> None:
 
 def install_hint(url: URL) -> str:
     """What to install for a URL whose dialect or driver is missing."""
-    known = KNOWN.get(url.get_backend_name())
+    backend = url.get_backend_name()
+    if backend == "clickhouse":
+        return (
+            "use a clickhousedb:// URL (the dialect of clickhouse-connect): pip install "
+            '"syncer[clickhouse]"'
+        )
+    known = KNOWN.get(backend)
     if known is not None and known.extra is not None:
         return f'pip install "syncer[{known.extra}]"'
     return "install the package that provides its SQLAlchemy dialect, or fix the URL"

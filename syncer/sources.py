@@ -140,10 +140,10 @@ def read_only(
         conn.commit()
         try:
             with _transaction(conn, commit):
-                conn.exec_driver_sql(f"SET SESSION max_statement_time = {timeout_seconds:.3f}")
+                conn.exec_driver_sql(_mysql_timeout(conn, timeout_seconds))
                 yield conn
         finally:
-            conn.exec_driver_sql("SET SESSION max_statement_time = 0")
+            conn.exec_driver_sql(_mysql_timeout(conn, 0))
             conn.exec_driver_sql("SET SESSION TRANSACTION READ WRITE")
             conn.commit()
         return
@@ -157,6 +157,14 @@ def read_only(
     # is kept by syncer too (``syncer.dialects``), besides any the database enforces.
     with _transaction(conn, commit):
         yield conn
+
+
+def _mysql_timeout(conn: Connection, timeout_seconds: float) -> str:
+    """MariaDB's statement time limit (seconds, any statement), or MySQL's (milliseconds,
+    SELECT statements, which is all audience SQL is); 0 is none."""
+    if getattr(conn.dialect, "is_mariadb", False):
+        return f"SET SESSION max_statement_time = {timeout_seconds:.3f}"
+    return f"SET SESSION max_execution_time = {round(timeout_seconds * 1000)}"
 
 
 @contextmanager
