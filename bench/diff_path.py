@@ -2,7 +2,8 @@
 
 For each state database (SQLite, PostgreSQL), source placement (``same``: the audience table
 lives in the state database, syncer's ``INSERT … SELECT`` path; ``other``: a separate
-database, syncer's streamed path) and size:
+database of the same kind, syncer's streamed path; ``duckdb``: a DuckDB file, the streamed path
+from DuckDB's cursor) and size:
 
 - the state holds a committed previous snapshot ``v1`` (written straight into ``memberships``,
   plus ``audience_destinations`` so the run queues changes, not a backfill);
@@ -11,7 +12,9 @@ database, syncer's streamed path) and size:
   run is undone (outside the clock) so every repetition starts from the same state;
 - **baseline**: the bare SQL on the same database: a staging table, the fastest load (SQLite
   ``INSERT … SELECT`` or ``executemany`` into a ``WITHOUT ROWID`` table; PostgreSQL
-  ``INSERT … SELECT`` or ``COPY`` into a table without index, then the key), the two
+  ``INSERT … SELECT`` or ``COPY`` into a table without index, then the key; from a separate
+  source, its driver's ``fetchmany``: sqlite3, a psycopg server-side cursor, or the DuckDB
+  file opened read-only), the two
   anti-joins (``LEFT JOIN … IS NULL``) into a changes table, against
   ``bench_prev(user_id PRIMARY KEY)`` holding ``v1``;
 - **baseline_m**: the bare SQL against syncer's ``memberships`` (the audience's current rows),
@@ -21,26 +24,32 @@ database, syncer's streamed path) and size:
   syncer runs on SQLite, where it is a merge): the floor for the same set work.
 
 All run ``reps`` times, interleaved (the order alternates), and the best of each is compared.
+The ``duckdb`` placement runs syncer and the baseline only (baseline_m and baseline_x differ from
+the baseline in the diff statements alone, which ``other`` already measures on the same state),
+plus one more syncer run in a child process (``bench.rss_child --commit-only``) for its peak RSS.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import psycopg
 from sqlalchemy import Engine, insert, text, update
 from sqlalchemy.engine import make_url
 
 from bench import data
 from bench.databases import Database, Databases, checkpoint
+from bench.processes import run_checked
 from bench.timing import Samples, profile_to, statement_log, stopwatch
 from syncer import audiences, db, diff, sync
 from syncer.delivery import Target, register_destinations
@@ -53,49 +62,55 @@ AUDIENCE_NAME = "Bench Diff"
 AUDIENCE_SQL = "SELECT user_id FROM members_v2"
 UNUSED_URL = "http://127.0.0.1:9/bench-diff"  # never called: the diff path does not deliver
 STREAM_BATCH = 10_000
-PLACEMENTS = ("same", "other")
+PLACEMENTS = ("same", "other", "duckdb")
 SYNCER_FORM = {"sqlite": "except", "postgresql": "anti-join"}  # how syncer.diff.compute diffs
 
 
 @dataclass(frozen=True, kw_only=True)
 class Setup:
-    """One state database with a committed ``v1`` snapshot, seen through two settings: the
-    audience's source is the state database itself (``same``) or a separate one (``other``);
-    both hold ``members_v2``."""
+    """One state database with a committed ``v1`` snapshot, seen through one settings per
+    placement: the audience's source is the state database itself (``same``), a separate one
+    of the same kind (``other``) or a DuckDB file (``duckdb``); each holds ``members_v2``."""
 
     kind: str
     size: int
     state: Database
-    source: Database  # the separate source database
+    source: Database | None  # the separate source database (placement "other")
+    duckdb_path: Path | None  # the DuckDB file (placement "duckdb")
     settings: dict[str, Settings]  # by placement
+    settings_files: dict[str, Path]  # by placement, for child processes
     engine: Engine
     audience: audiences.AudienceView
     targets: list[Target]
 
 
-def prepare(dbs: Databases, kind: str, size: int) -> Setup:
+def prepare(dbs: Databases, kind: str, size: int, placements: Sequence[str] = PLACEMENTS) -> Setup:
     tag = f"diff_{kind[:2]}_{size}"
     state = dbs.make(kind, f"{tag}_state")
-    source = dbs.make(kind, f"{tag}_source")
+    source = dbs.make(kind, f"{tag}_source") if "other" in placements else None
+    duckdb_path = dbs.workdir / f"{tag}_source.duckdb" if "duckdb" in placements else None
     db.upgrade(make_url(state.url))
-    for database in (state, source):
+    for database in filter(None, (state, source)):
         _fill_source(database, size, tables=("members_v2",))
-    tray = {"workflow_urls": [UNUSED_URL]}
-    same_source = state.as_own_source("members_v2")
-    settings = {
-        "same": parse_settings(
-            {"database": {"url": state.url}, "sources": {"default": same_source}, "tray": tray},
-            base_dir=dbs.workdir,
-        ),
-        "other": parse_settings(
-            {
-                "database": {"url": state.url},
-                "sources": {"default": {"url": source.url}},
-                "tray": tray,
-            },
-            base_dir=dbs.workdir,
-        ),
-    }
+    if duckdb_path is not None:
+        duckdb_path.unlink(missing_ok=True)
+        data.fill_duckdb_source(str(duckdb_path), size, ("members_v2",))
+    sources = {"same": state.as_own_source("members_v2")}
+    if source is not None:
+        sources["other"] = {"url": source.url}
+    if duckdb_path is not None:
+        sources["duckdb"] = {"url": f"duckdb:///{duckdb_path}"}
+    settings: dict[str, Settings] = {}
+    settings_files: dict[str, Path] = {}
+    for placement, source_settings in sources.items():
+        raw: dict[str, dict[str, Any]] = {
+            "database": {"url": state.url},
+            "sources": {"default": source_settings},
+            "tray": {"workflow_urls": [UNUSED_URL]},
+        }
+        settings[placement] = parse_settings(raw, base_dir=dbs.workdir)
+        settings_files[placement] = dbs.workdir / f"{tag}_{placement}.toml"
+        settings_files[placement].write_text(_toml(raw))
     engine = db.open_state(settings["same"].database.url)
     view = audiences.create(engine, settings["same"], name=AUDIENCE_NAME, sql=AUDIENCE_SQL)
     targets = register_destinations(engine, settings["same"].tray.workflow_urls)
@@ -124,11 +139,27 @@ def prepare(dbs: Databases, kind: str, size: int) -> Setup:
         size=size,
         state=state,
         source=source,
+        duckdb_path=duckdb_path,
         settings=settings,
+        settings_files=settings_files,
         engine=engine,
         audience=view,
         targets=targets,
     )
+
+
+def _toml(settings: dict[str, dict[str, Any]]) -> str:
+    """Settings as a settings.toml (strings, lists of strings and one level of sub-tables;
+    JSON's string escapes are TOML's)."""
+    lines = []
+    for section, values in settings.items():
+        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if k not in tables]
+        for name, table in tables.items():
+            lines.append(f"[{section}.{name}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _fill_source(source: Database, size: int, *, tables: tuple[str, ...]) -> None:
@@ -250,6 +281,30 @@ def run_syncer(
     return seconds, parts
 
 
+def run_syncer_child(setup: Setup, placement: str) -> float:
+    """One more incremental run, in a child process that imports only syncer
+    (``python -m bench.rss_child --commit-only``): its peak RSS in MB (``VmHWM``, read by the
+    child and polled by the parent; the larger). Then undone, as ``run_syncer``'s are."""
+    finished = run_checked(
+        [
+            "-m",
+            "bench.rss_child",
+            "--commit-only",
+            str(setup.settings_files[placement]),
+            setup.audience.key,
+            "0",
+        ],
+        cwd=setup.settings_files[placement].parent,
+    )
+    report = json.loads(finished.stdout)
+    joined, left = data.churn(setup.size)
+    expected = (setup.size - left + joined, joined, left)
+    if (report["members"], report["added"], report["removed"]) != expected:
+        raise AssertionError(f"syncer child diff wrong: {report}, expected {expected}")
+    _undo_run(setup, int(report["run_id"]))
+    return max(finished.peak_rss_mb, float(report["peak_rss_mb_at_end"]))
+
+
 def _undo_run(setup: Setup, run_id: int) -> None:
     with db.write_transaction(setup.engine) as conn:
         params = {"run": run_id}
@@ -329,6 +384,36 @@ def _counts(rows: list[tuple[Any, ...]]) -> tuple[int, int]:
     return found.get(True, 0), found.get(False, 0)
 
 
+@contextlib.contextmanager
+def _source_batches(setup: Setup, placement: str) -> Iterator[Iterator[list[Any]]]:
+    """The ids of a separate source, ``STREAM_BATCH`` rows at a time from its driver's
+    ``fetchmany``, as a hand-written script reads them: a read-only sqlite3 connection, a
+    psycopg server-side cursor, or the DuckDB file opened read-only."""
+    query = "SELECT user_id FROM members_v2"
+    if placement == "duckdb":
+        assert setup.duckdb_path is not None
+        duck = duckdb.connect(str(setup.duckdb_path), read_only=True)
+        try:
+            cursor = duck.execute(query)
+            yield iter(lambda: cursor.fetchmany(STREAM_BATCH), [])
+        finally:
+            duck.close()
+        return
+    assert setup.source is not None
+    if setup.kind == "sqlite":
+        lite = sqlite3.connect(f"file:{setup.source.target}?mode=ro", uri=True)
+        try:
+            rows = lite.execute(query)
+            yield iter(lambda: rows.fetchmany(STREAM_BATCH), [])
+        finally:
+            lite.close()
+        return
+    with psycopg.connect(setup.source.target) as pg, pg.cursor(name="ids") as reader:
+        reader.itersize = STREAM_BATCH
+        reader.execute(query)
+        yield iter(lambda: reader.fetchmany(STREAM_BATCH), [])
+
+
 def _baseline_sqlite(
     setup: Setup, placement: str, diff: tuple[str, ...]
 ) -> tuple[float, dict[str, float], tuple[int, int]]:
@@ -340,13 +425,9 @@ def _baseline_sqlite(
             if placement == "same":
                 conn.execute("INSERT OR IGNORE INTO b_staged SELECT user_id FROM members_v2")
             else:
-                source = sqlite3.connect(f"file:{setup.source.target}?mode=ro", uri=True)
-                try:
-                    cursor = source.execute("SELECT user_id FROM members_v2")
-                    while rows := cursor.fetchmany(STREAM_BATCH):
+                with _source_batches(setup, placement) as batches:
+                    for rows in batches:
                         conn.executemany("INSERT OR IGNORE INTO b_staged VALUES (?)", rows)
-                finally:
-                    source.close()
             conn.execute("COMMIT")
             loaded = elapsed()
             conn.execute("BEGIN")
@@ -370,13 +451,10 @@ def _baseline_pg(
                 cur.execute("INSERT INTO b_staged SELECT user_id FROM members_v2")
             else:
                 with (
-                    psycopg.connect(setup.source.target) as source,
-                    source.cursor(name="ids") as reader,
+                    _source_batches(setup, placement) as batches,
                     cur.copy("COPY b_staged (user_id) FROM STDIN") as copy,
                 ):
-                    reader.itersize = STREAM_BATCH
-                    reader.execute("SELECT user_id FROM members_v2")
-                    while rows := reader.fetchmany(STREAM_BATCH):
+                    for rows in batches:
                         copy.write(data.copy_text([str(r[0]) for r in rows]))
             cur.execute("ALTER TABLE b_staged ADD PRIMARY KEY (user_id)")
             cur.execute("ANALYZE b_staged")
@@ -400,37 +478,49 @@ class Result:
     size: int
     syncer: Samples
     baseline: Samples  # bare SQL against bench_prev (the ideal layout)
-    baseline_memberships: Samples  # bare SQL in syncer's form against syncer's memberships
-    baseline_except: Samples  # bare SQL against bench_prev, the differences as ordered EXCEPT
+    # bare SQL in syncer's form against syncer's memberships; None for the duckdb placement
+    baseline_memberships: Samples | None
+    # bare SQL against bench_prev, the differences as ordered EXCEPT; None for duckdb
+    baseline_except: Samples | None
+    syncer_peak_rss_mb: float | None = None  # one more syncer run in a child (duckdb only)
 
     @property
     def ratio(self) -> float:
         return self.syncer.best / self.baseline.best
 
     @property
-    def ratio_memberships(self) -> float:
+    def ratio_memberships(self) -> float | None:
+        if self.baseline_memberships is None:
+            return None
         return self.syncer.best / self.baseline_memberships.best
 
     @property
-    def ratio_except(self) -> float:
+    def ratio_except(self) -> float | None:
+        if self.baseline_except is None:
+            return None
         return self.syncer.best / self.baseline_except.best
 
     def as_json(self) -> dict[str, object]:
-        return {
+        found: dict[str, object] = {
             "state": self.kind,
             "source": self.placement,
             "size": self.size,
             "syncer": self.syncer.as_json(),
             "baseline": self.baseline.as_json(),
-            "baseline_against_memberships": self.baseline_memberships.as_json(),
             "ratio_best": round(self.ratio, 3),
-            "ratio_against_memberships_best": round(self.ratio_memberships, 3),
-            "baseline_except": self.baseline_except.as_json(),
-            "ratio_against_except_best": round(self.ratio_except, 3),
             "ratio_median": round(self.syncer.median / self.baseline.median, 3),
             "syncer_seconds_per_million": round(self.syncer.best / self.size * 1e6, 3),
             "baseline_seconds_per_million": round(self.baseline.best / self.size * 1e6, 3),
         }
+        if self.baseline_memberships is not None and self.ratio_memberships is not None:
+            found["baseline_against_memberships"] = self.baseline_memberships.as_json()
+            found["ratio_against_memberships_best"] = round(self.ratio_memberships, 3)
+        if self.baseline_except is not None and self.ratio_except is not None:
+            found["baseline_except"] = self.baseline_except.as_json()
+            found["ratio_against_except_best"] = round(self.ratio_except, 3)
+        if self.syncer_peak_rss_mb is not None:
+            found["syncer_peak_rss_mb"] = round(self.syncer_peak_rss_mb, 1)
+        return found
 
 
 def measure(
@@ -439,22 +529,26 @@ def measure(
     size: int,
     *,
     reps: int,
+    placements: Sequence[str] = PLACEMENTS,
     profile_dir: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> list[Result]:
-    """Both placements on one prepared state database; syncer and baseline interleaved."""
-    setup = prepare(dbs, kind, size)
+    """The placements on one prepared state database; syncer and baseline interleaved."""
+    setup = prepare(dbs, kind, size, placements)
     results = []
     try:
-        for placement in PLACEMENTS:
+        for placement in placements:
             runs: dict[str, Callable[[], tuple[float, dict[str, float]]]] = {
                 "syncer": functools.partial(run_syncer, setup, placement),
                 "baseline": functools.partial(run_baseline, setup, placement),
-                "baseline_m": functools.partial(
-                    run_baseline, setup, placement, "memberships", SYNCER_FORM[kind]
-                ),
-                "baseline_x": functools.partial(run_baseline, setup, placement, form="except"),
             }
+            if placement != "duckdb":
+                runs["baseline_m"] = functools.partial(
+                    run_baseline, setup, placement, "memberships", SYNCER_FORM[kind]
+                )
+                runs["baseline_x"] = functools.partial(
+                    run_baseline, setup, placement, form="except"
+                )
             samples = {name: Samples() for name in runs}
             for rep in range(reps):
                 order = list(runs)
@@ -465,9 +559,16 @@ def measure(
                     samples[name].seconds.append(seconds)
                     samples[name].parts.append(parts)
                     say(
-                        f"    diff {kind:10} source={placement:5} {size:>10,} rep {rep + 1} "
+                        f"    diff {kind:10} source={placement:6} {size:>10,} rep {rep + 1} "
                         f"{name:10} {seconds:7.3f}s"
                     )
+            peak = None
+            if placement == "duckdb":
+                peak = run_syncer_child(setup, placement)
+                say(
+                    f"    diff {kind:10} source={placement:6} {size:>10,} syncer in a child: "
+                    f"peak RSS {peak:.1f} MB"
+                )
             if profile_dir is not None:
                 name = f"diff-{kind}-{placement}-{size}"
                 run_syncer(setup, placement, statements=profile_dir / f"{name}-sql.txt")
@@ -479,12 +580,16 @@ def measure(
                     size=size,
                     syncer=samples["syncer"],
                     baseline=samples["baseline"],
-                    baseline_memberships=samples["baseline_m"],
-                    baseline_except=samples["baseline_x"],
+                    baseline_memberships=samples.get("baseline_m"),
+                    baseline_except=samples.get("baseline_x"),
+                    syncer_peak_rss_mb=peak,
                 )
             )
     finally:
         setup.engine.dispose()
         dbs.drop(setup.state)
-        dbs.drop(setup.source)
+        if setup.source is not None:
+            dbs.drop(setup.source)
+        if setup.duckdb_path is not None:
+            setup.duckdb_path.unlink(missing_ok=True)
     return results

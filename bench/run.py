@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", type=parse_list(KINDS), default=list(KINDS), help="state databases (default both)"
     )
     parser.add_argument(
+        "--source",
+        type=parse_list(diff_path.PLACEMENTS),
+        default=list(diff_path.PLACEMENTS),
+        help="diff sources: same (the state database), other (a separate database of the "
+        "same kind), duckdb (a DuckDB file); default all three",
+    )
+    parser.add_argument(
         "--sizes",
         type=parse_sizes,
         default=None,
@@ -167,11 +174,16 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _or_dash(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
 def diff_table(results: list[diff_path.Result]) -> str:
     rows = []
     for r in results:
         parts = r.syncer.best_parts()
         base = r.baseline.best_parts()
+        memberships, except_ = r.baseline_memberships, r.baseline_except
         rows.append(
             [
                 r.kind,
@@ -181,15 +193,16 @@ def diff_table(results: list[diff_path.Result]) -> str:
                 f"{r.baseline.best:.2f}",
                 f"{r.ratio:.2f}x",
                 f"{r.syncer.median / r.baseline.median:.2f}x",
-                f"{r.baseline_memberships.best:.2f}",
-                f"{r.ratio_memberships:.2f}x",
-                f"{r.baseline_except.best:.2f}",
-                f"{r.ratio_except:.2f}x",
+                _or_dash(memberships.best if memberships else None, ".2f"),
+                _or_dash(r.ratio_memberships, ".2f") + ("x" if memberships else ""),
+                _or_dash(except_.best if except_ else None, ".2f"),
+                _or_dash(r.ratio_except, ".2f") + ("x" if except_ else ""),
                 f"{r.syncer.best / r.size * 1e6:.2f}",
                 f"{r.baseline.best / r.size * 1e6:.2f}",
                 f"{parts.get('stage', 0):.2f}/{parts.get('compute', 0):.2f}/"
                 f"{parts.get('commit_snapshot', 0):.2f}",
                 f"{base.get('load', 0):.2f}/{base.get('diff', 0):.2f}",
+                _or_dash(r.syncer_peak_rss_mb, ".0f"),
             ]
         )
     headers = [
@@ -208,6 +221,7 @@ def diff_table(results: list[diff_path.Result]) -> str:
         "bare s/M",
         "stage/diff/commit",
         "load/diff",
+        "syncer RSS MB",
     ]
     return table(headers, rows)
 
@@ -323,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "steps": steps,
             "state_databases": args.db,
+            "diff_sources": args.source,
             "diff_sizes": sizes,
             "reps": args.reps,
             "deliveries": args.deliveries,
@@ -340,7 +355,13 @@ def main(argv: list[str] | None = None) -> int:
             for size in sizes:
                 for kind in args.db:
                     diff_results += diff_path.measure(
-                        dbs, kind, size, reps=args.reps, profile_dir=profile_dir, say=say
+                        dbs,
+                        kind,
+                        size,
+                        reps=args.reps,
+                        placements=args.source,
+                        profile_dir=profile_dir,
+                        say=say,
                     )
             report["diff"] = [r.as_json() for r in diff_results]
             tables.append(f"Diff path: best of {args.reps}, seconds\n" + diff_table(diff_results))
