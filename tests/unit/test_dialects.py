@@ -62,9 +62,7 @@ def test_server_timeouts_are_whole_seconds_of_query_timeout_seconds(
         "session_properties": {"query_max_execution_time": f"{whole}s"}
     }
     databricks = _options("databricks://token:t@host?http_path=/sql/1.0/w/x", seconds)
-    assert databricks["connect_args"]["session_configuration"] == {
-        "STATEMENT_TIMEOUT": str(whole)
-    }
+    assert databricks["connect_args"]["session_configuration"] == {"STATEMENT_TIMEOUT": str(whole)}
     # connecting to an unreachable host is bounded too (the connector's default: 15 minutes)
     assert databricks["connect_args"]["_retry_stop_after_attempts_duration"] <= 60
     clickhouse = _options("clickhousedb://u:p@host:8443/marketing", seconds)
