@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -315,14 +316,61 @@ def _sqlite_fence(conn: Connection, *, staging: bool) -> Iterator[None]:
     raw.create_function(BLOB_ID_FUNCTION, 1, _blob_text, deterministic=True)
     raw.set_authorizer(_sqlite_authorizer(staging))
     # One function call is one step of the progress handler that enforces the timeout:
-    # ``printf('%.*c', 900000000, 'x')`` would run for a minute. Bound what one value may be.
+    # ``printf('%.*c', 900000000, 'x')`` would run for a minute. Bound what one value may be,
+    # and printf's widths (it loops over a width even past the value's bound).
     length = raw.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SQLITE_VALUE_LIMIT)
+    # (They stay: Python's sqlite3 cannot give a connection SQLite's own printf back, and
+    # syncer's own statements use none.)
+    for name in _SQLITE_PRINTF:
+        raw.create_function(name, -1, _bounded_printf, deterministic=True)
     try:
         yield
     finally:
         raw.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, length)
         raw.set_authorizer(None)
         raw.create_function(BLOB_ID_FUNCTION, 1, None)
+
+
+_SQLITE_PRINTF = ("printf", "format")
+SQLITE_PRINTF_WIDTH_LIMIT = 100_000
+PRINTF_REFUSAL = f"a printf/format width or precision over {SQLITE_PRINTF_WIDTH_LIMIT:,}"
+# A conversion: flags, width (digits or *), precision (. digits or *), length, type.
+_PRINTF_SPEC = re.compile(r"%[-+ 0#,!]*(\*|\d+)?(?:\.(\*|\d*))?(?:ll|l)?(.)", re.DOTALL)
+
+
+# SQLite's own printf, for _bounded_printf: one in-memory connection for the process.
+_builtin_printf = sqlite3.connect(":memory:", check_same_thread=False)
+_builtin_printf_lock = threading.Lock()
+
+
+def _bounded_printf(*args: object) -> object:
+    """SQLite's printf, computed by SQLite itself (on a connection of its own) once no width
+    or precision is over SQLITE_PRINTF_WIDTH_LIMIT; over it, an error (PRINTF_REFUSAL)."""
+    if args and isinstance(args[0], str):
+        _check_printf_widths(args[0], args[1:])
+    marks = ", ".join("?" * len(args))
+    with _builtin_printf_lock:
+        return _builtin_printf.execute(f"SELECT printf({marks})", args).fetchone()[0]
+
+
+def _check_printf_widths(template: str, args: tuple[object, ...]) -> None:
+    taken = 0
+    for spec in _PRINTF_SPEC.finditer(template):
+        width, precision, kind = spec.groups()
+        for given in (width, precision):
+            if given == "*":
+                value = args[taken] if taken < len(args) else 0
+                taken += 1
+            else:
+                value = given or 0
+            try:
+                too_wide = abs(int(value)) > SQLITE_PRINTF_WIDTH_LIMIT  # type: ignore[call-overload]
+            except (TypeError, ValueError):
+                too_wide = False  # SQLite reads it as 0
+            if too_wide:
+                raise ValueError(PRINTF_REFUSAL)
+        if kind != "%":
+            taken += 1
 
 
 def _blob_text(value: bytes | None) -> str | None:
@@ -805,6 +853,10 @@ def describe_db_error(exc: BaseException) -> str:
         ).replace("file  is", "file is")
     if "interrupted" in message.lower() and isinstance(orig, sqlite3.OperationalError):
         return "the query ran past the source's query_timeout_seconds"
+    if "user-defined function raised exception" in message and isinstance(
+        orig, sqlite3.OperationalError
+    ):
+        return f"{PRINTF_REFUSAL}: audience SQL values are bounded"
     denied = ("not authorized", "is prohibited")
     if isinstance(orig, sqlite3.DatabaseError) and any(d in message.lower() for d in denied):
         return f"{message.splitlines()[0]}: audience SQL may read data tables only"

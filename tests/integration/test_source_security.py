@@ -105,6 +105,21 @@ def test_sqlite_one_huge_value_ends_at_once(lite_same: World, sql: str) -> None:
     assert time.monotonic() - started < 10
 
 
+def test_sqlite_printf_formats_ids_but_refuses_a_huge_width(lite_same: World) -> None:
+    """printf loops over its width even past the bound on a value's size: widths and
+    precisions over 100,000 are refused, with the reason; ordinary formatting works."""
+    w = lite_same
+    w.set_users(["7", "42"])
+    message = _refused(w, "SELECT printf('%s%.*c', user_id, 900000000, 'x') AS user_id FROM users")
+    assert "printf/format width or precision over 100,000" in message, message
+    message = _refused(w, "SELECT format('%2000000d', 1) AS user_id")
+    assert "over 100,000" in message, message
+    w.create(sql="SELECT printf('user-%05d', CAST(user_id AS INTEGER)) AS user_id FROM users")
+    result = w.sync("pro_users")
+    assert (result.status, result.members) == (RUN_SUCCEEDED, 2)
+    assert w.current_members("pro_users") == {"user-00007", "user-00042"}
+
+
 def test_sqlite_ids_of_every_type_are_their_text(lite_same: World) -> None:
     w = lite_same
     view = w.create(
