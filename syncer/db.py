@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import stat
 import threading
 import weakref
 from collections.abc import Iterator
@@ -117,6 +118,8 @@ def create_source_engine(source: SourceSettings) -> Engine:
         path = Path(url.database or "")
         if not path.exists():
             raise ConfigError(f"source database file {str(path)!r} does not exist")
+    if url.get_backend_name() == "duckdb":
+        _check_duckdb_file(path)
     if url.get_backend_name() == "sqlite":
         ro = URL.create("sqlite", database=f"file:{path}", query={"mode": "ro", "uri": "true"})
         engine = _engine(ro)
@@ -146,6 +149,26 @@ def create_source_engine(source: SourceSettings) -> Engine:
     if finish is not None:
         finish(engine)
     return engine
+
+
+DUCKDB_MAGIC = b"DUCK"  # bytes 8-11 of every DuckDB database file
+
+
+def _check_duckdb_file(path: Path) -> None:
+    """A regular file that starts as a DuckDB database does: not a FIFO (opening it would
+    block), a folder, or a SQLite file (DuckDB would try to read it with its SQLite extension,
+    which could reach syncer's own tables)."""
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+        if regular:
+            with path.open("rb") as file:
+                header = file.read(12)
+    except OSError as exc:
+        raise ConfigError(
+            f"source database file {str(path)!r} cannot be read: {exc.strerror}"
+        ) from None
+    if not regular or header[8:12] != DUCKDB_MAGIC:
+        raise ConfigError(f"source database file {str(path)!r} is not a DuckDB database file")
 
 
 def _sqlite_readonly_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:

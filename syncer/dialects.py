@@ -11,6 +11,7 @@ read-only is only as good as the role the operator connects as. That is logged o
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -284,6 +285,14 @@ def engine_options(
 DATABRICKS_CONNECT_ATTEMPTS = 5
 DATABRICKS_RETRY_SECONDS = 60.0
 
+_duckdb_fence_lock = threading.Lock()
+# DuckDB's own default is 80 % of the machine's memory: a quarter leaves room for the rest of
+# syncer (and other audiences). It bounds what DuckDB's operators hold (they spill to disk
+# past it), not every expression: see docs/sources.md.
+DUCKDB_MEMORY_LIMIT_MB = max(
+    256, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4 // 2**20
+)
+
 # DuckDB: how long a run waits for a process that has the file open for writing.
 DUCKDB_LOCK_RETRY_SECONDS = 0.25
 
@@ -309,6 +318,10 @@ def _duckdb_options(
 
         @event.listens_for(engine, "connect")
         def fence(dbapi_connection: Any, _record: Any) -> None:
+            with _duckdb_fence_lock:  # read, then set: one connection of the process at a time
+                _fence(dbapi_connection)
+
+        def _fence(dbapi_connection: Any) -> None:
             # Connections of one process to one file share one database, whose configuration
             # the first of them locked: it must be the one this source asks for.
             locked = dbapi_connection.execute(
@@ -329,6 +342,7 @@ def _duckdb_options(
             # external access is turned off; then the configuration is locked, so that no
             # statement can turn it back on.
             dbapi_connection.execute("SET allowed_directories = $1", [folders])
+            dbapi_connection.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT_MB}MB'")
             dbapi_connection.execute("SET enable_external_access = false")
             dbapi_connection.execute("SET lock_configuration = true")
 

@@ -519,6 +519,7 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             ),
         )
     sources.setdefault(DEFAULT_SOURCE, SourceSettings(name=DEFAULT_SOURCE, url=database.url))
+    _check_duckdb_sources(sources, database.url, base_dir, path)
 
     tray_raw = _table(expanded, "tray")
     _only(
@@ -751,6 +752,36 @@ def _duckdb_url(url: URL, base_dir: Path, what: str) -> URL:
         db_path = (base_dir / db_path).resolve()
         url = url.set(database=str(db_path))
     return url
+
+
+def _check_duckdb_sources(
+    sources: Mapping[str, SourceSettings], state_url: URL, base_dir: Path, path: Path | None
+) -> None:
+    """What audience SQL on DuckDB may read must hold neither settings.toml nor the state
+    database (their secrets and syncer's tables); and sources on one DuckDB file share one
+    database in a process, so they must list the same folders."""
+    settings_file = (path or base_dir / DEFAULT_SETTINGS_FILE).resolve()
+    guarded = [("the settings file", settings_file)]
+    if state_url.get_backend_name() == "sqlite" and state_url.database:
+        guarded.append(("the state database", Path(state_url.database)))
+    by_file: dict[str, SourceSettings] = {}
+    for source in sources.values():
+        for folder in source.allowed_directories:
+            for what, held in guarded:
+                if folder == held.parent or folder in held.parents:
+                    raise ConfigError(
+                        f"[sources.{source.name}] allowed_directories: {_shown_path(folder)} "
+                        f"holds {what}, which audience SQL must not read; list the folders "
+                        "that hold the data files only"
+                    )
+        if source.url.get_backend_name() != "duckdb":
+            continue
+        other = by_file.setdefault(str(source.url.database), source)
+        if set(other.allowed_directories) != set(source.allowed_directories):
+            raise ConfigError(
+                f"[sources.{other.name}] and [sources.{source.name}] open the same DuckDB file "
+                "with different allowed_directories; give them the same list (or one source)"
+            )
 
 
 def _allowed_directories(value: Any, url: URL, base_dir: Path, where: str) -> tuple[Path, ...]:

@@ -160,6 +160,15 @@ def run_audience(
         result.seconds,
         extra={"run": asdict(result)},
     )
+    if result.error:
+        # The reason, in the log too (not only in history): a source that failed, say.
+        logger.warning(
+            "audience %s run %s %s: %s",
+            result.audience_key,
+            result.run_id,
+            result.status,
+            result.error,
+        )
     return result
 
 

@@ -3,6 +3,7 @@ database, a real DuckDB file written with the ``duckdb`` module and the loopback
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -145,6 +146,9 @@ def test_bad_duckdb_settings_are_one_line_and_exit_2(tmp_path: Path) -> None:
         return path
 
     sqlite_source = f"sqlite:///{p.root / 'state.db'}"
+    for folder in ("a", "b"):
+        (p.root / folder).mkdir()
+    os.mkfifo(p.root / "fifo.duckdb")
     cases = {
         "missing": (
             settings("missing.toml", '[sources.default]\nurl = "duckdb:///warehouse.duckdb"'),
@@ -175,6 +179,31 @@ def test_bad_duckdb_settings_are_one_line_and_exit_2(tmp_path: Path) -> None:
                 '[sources.default]\nurl = "duckdb:///w.duckdb"\nallowed_directories = ["/"]',
             ),
             ("allowed_directories", "whole file system"),
+        ),
+        # the settings' own folder would let audience SQL read settings.toml and the state file
+        "settings-folder": (
+            settings(
+                "here.toml",
+                '[sources.default]\nurl = "duckdb:///w.duckdb"\nallowed_directories = ["."]',
+            ),
+            ("allowed_directories", "holds the settings file", "must not read"),
+        ),
+        "two-lists": (
+            settings(
+                "two.toml",
+                '[sources.default]\nurl = "duckdb:///w.duckdb"\nallowed_directories = ["a"]\n'
+                '[sources.other]\nurl = "duckdb:///w.duckdb"\nallowed_directories = ["b"]',
+            ),
+            ("same DuckDB file", "different allowed_directories"),
+        ),
+        # a SQLite file (DuckDB would read it through its SQLite extension) or a FIFO
+        "sqlite-file": (
+            settings("sqlitefile.toml", '[sources.default]\nurl = "duckdb:///state.db"'),
+            ("is not a DuckDB database file",),
+        ),
+        "fifo": (
+            settings("fifo.toml", '[sources.default]\nurl = "duckdb:///fifo.duckdb"'),
+            ("is not a DuckDB database file",),
         ),
     }
     create = ("audience", "create", "X", "--sql", "SELECT 'u1' AS user_id")
