@@ -332,8 +332,12 @@ def _sqlite_fence(conn: Connection, *, staging: bool) -> Iterator[None]:
 
 
 _SQLITE_PRINTF = ("printf", "format")
-SQLITE_PRINTF_WIDTH_LIMIT = 100_000
-PRINTF_REFUSAL = f"a printf/format width or precision over {SQLITE_PRINTF_WIDTH_LIMIT:,}"
+# Wider than a value may be is no use, and a call up to it takes a fraction of a second.
+SQLITE_PRINTF_WIDTH_LIMIT = SQLITE_VALUE_LIMIT
+PRINTF_REFUSAL = (
+    f"a printf/format width or precision over {SQLITE_PRINTF_WIDTH_LIMIT:,} (the most one value "
+    "may be)"
+)
 # A conversion: flags, width (digits or *), precision (. digits or *), length, type.
 _PRINTF_SPEC = re.compile(r"%[-+ 0#,!]*(\*|\d+)?(?:\.(\*|\d*))?(?:ll|l)?(.)", re.DOTALL)
 

@@ -107,13 +107,13 @@ def test_sqlite_one_huge_value_ends_at_once(lite_same: World, sql: str) -> None:
 
 def test_sqlite_printf_formats_ids_but_refuses_a_huge_width(lite_same: World) -> None:
     """printf loops over its width even past the bound on a value's size: widths and
-    precisions over 100,000 are refused, with the reason; ordinary formatting works."""
+    precisions over 16 MB (what a value may be) are refused, with the reason; ordinary formatting works."""
     w = lite_same
     w.set_users(["7", "42"])
     message = _refused(w, "SELECT printf('%s%.*c', user_id, 900000000, 'x') AS user_id FROM users")
-    assert "printf/format width or precision over 100,000" in message, message
-    message = _refused(w, "SELECT format('%2000000d', 1) AS user_id")
-    assert "over 100,000" in message, message
+    assert "printf/format width or precision over 16,777,216" in message, message
+    message = _refused(w, "SELECT format('%20000000d', 1) AS user_id")
+    assert "over 16,777,216" in message, message
     w.create(sql="SELECT printf('user-%05d', CAST(user_id AS INTEGER)) AS user_id FROM users")
     result = w.sync("pro_users")
     assert (result.status, result.members) == (RUN_SUCCEEDED, 2)
