@@ -708,17 +708,9 @@ def _database_url(value: Any, base_dir: Path, what: str, *, source: bool = False
         database = url.database or ""
         if database in ("", ":memory:") or database.startswith("file:"):
             raise ConfigError(f"{what}: use a SQLite file path, like sqlite:///syncer.db")
-        if url.query:
-            # ?mode=memory, ?uri=true, ?check_same_thread …: syncer opens SQLite files its own
-            # way (WAL, a busy timeout, read-only sources); options would be ignored or fight it
-            raise ConfigError(
-                f"{what}: a SQLite URL takes no ?options ({', '.join(sorted(url.query))}); "
-                "remove them, like sqlite:///syncer.db"
-            )
-        db_path = Path(database)
-        if not db_path.is_absolute():
-            db_path = (base_dir / db_path).resolve()
-            url = url.set(database=str(db_path))
+        # ?mode=memory, ?uri=true, ?check_same_thread …: syncer opens SQLite files its own
+        # way (WAL, a busy timeout, read-only sources); options would be ignored or fight it
+        url, db_path = _database_file(url, base_dir, what, "SQLite", "sqlite:///syncer.db")
         try:
             # a folder, /dev/null, a FIFO: SQLite would fail late, block, or write a journal
             # beside a device
@@ -740,18 +732,27 @@ def _duckdb_url(url: URL, base_dir: Path, what: str) -> URL:
             f"{what}: use a DuckDB file path, like duckdb:///warehouse.duckdb (in-memory and "
             "MotherDuck databases are not supported as sources)"
         )
+    # DuckDB options arrive as ?name=value config: syncer sets its own (read_only, external
+    # access off, allowed_directories) and lets none of them be loosened from the URL
+    url, _ = _database_file(url, base_dir, what, "DuckDB", "duckdb:///warehouse.duckdb")
+    return url
+
+
+def _database_file(
+    url: URL, base_dir: Path, what: str, title: str, example: str
+) -> tuple[URL, Path]:
+    """The URL of a database file without ``?options``, its path resolved beside the settings
+    file, and that path."""
     if url.query:
-        # DuckDB options arrive as ?name=value config: syncer sets its own (read_only, external
-        # access off, allowed_directories) and lets none of them be loosened from the URL
         raise ConfigError(
-            f"{what}: a DuckDB URL takes no ?options ({', '.join(sorted(url.query))}); "
-            "remove them, like duckdb:///warehouse.duckdb"
+            f"{what}: a {title} URL takes no ?options ({', '.join(sorted(url.query))}); "
+            f"remove them, like {example}"
         )
-    db_path = Path(database)
+    db_path = Path(url.database or "")
     if not db_path.is_absolute():
         db_path = (base_dir / db_path).resolve()
         url = url.set(database=str(db_path))
-    return url
+    return url, db_path
 
 
 def _check_duckdb_sources(
