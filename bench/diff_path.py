@@ -392,21 +392,16 @@ def _source_batches(setup: Setup, placement: str) -> Iterator[Iterator[list[Any]
     query = "SELECT user_id FROM members_v2"
     if placement == "duckdb":
         assert setup.duckdb_path is not None
-        duck = duckdb.connect(str(setup.duckdb_path), read_only=True)
-        try:
+        with contextlib.closing(duckdb.connect(str(setup.duckdb_path), read_only=True)) as duck:
             cursor = duck.execute(query)
             yield iter(lambda: cursor.fetchmany(STREAM_BATCH), [])
-        finally:
-            duck.close()
         return
     assert setup.source is not None
     if setup.kind == "sqlite":
-        lite = sqlite3.connect(f"file:{setup.source.target}?mode=ro", uri=True)
-        try:
+        uri = f"file:{setup.source.target}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as lite:
             rows = lite.execute(query)
             yield iter(lambda: rows.fetchmany(STREAM_BATCH), [])
-        finally:
-            lite.close()
         return
     with psycopg.connect(setup.source.target) as pg, pg.cursor(name="ids") as reader:
         reader.itersize = STREAM_BATCH
