@@ -64,11 +64,12 @@ from syncer.db import create_source_engine
 from syncer.dialects import Deadline, announce, client_deadline, is_duckdb_lock_error
 from syncer.errors import AudienceError, SourceError
 from syncer.models import MYSQL, USER_ID_LENGTH, Base
-from syncer.settings import Settings, SourceSettings
+from syncer.settings import STATE_BACKENDS, Settings, SourceSettings
 
 USER_ID_COLUMN = "user_id"
-# The dialects fenced by the checks of this module; others by ``syncer.dialects``' rules.
-_TESTED = frozenset({"sqlite", "postgresql", "mysql", "mariadb"})
+# The dialects fenced by the checks of this module (those that can hold syncer's state too);
+# others by ``syncer.dialects``' rules.
+_TESTED = frozenset(STATE_BACKENDS)
 _SQLITE_PROGRESS_STEPS = 10_000
 
 # Syncer's own tables (and the temporary ones a run stages ids in): never readable by audience SQL.
