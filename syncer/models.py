@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     and_,
+    false,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -40,12 +41,13 @@ DESTINATION_HASH_KEY = "destination_hash_key"  # syncer_settings: the key of url
 
 # Status values, as stored.
 AUDIENCE_ACTIVE, AUDIENCE_PAUSED, AUDIENCE_DELETED = "active", "paused", "deleted"
-RUN_RUNNING, RUN_SUCCEEDED, RUN_PARTIAL, RUN_FAILED, RUN_INTERRUPTED = (
+RUN_RUNNING, RUN_SUCCEEDED, RUN_PARTIAL, RUN_FAILED, RUN_INTERRUPTED, RUN_HELD = (
     "running",
     "succeeded",
     "partial",
     "failed",
     "interrupted",
+    "held",  # the removal guard stopped it: nothing committed, nothing sent
 )
 RUN_INITIAL, RUN_INCREMENTAL = "initial", "incremental"
 DELIVERY_PENDING, DELIVERY_SENT, DELIVERY_FAILED, DELIVERY_SUPERSEDED, DELIVERY_CANCELLED = (
@@ -141,12 +143,39 @@ class Audience(Base):
     name: Mapped[str] = mapped_column(String(255))
     source_name: Mapped[str] = mapped_column(String(100))
     definition_sql: Mapped[str] = mapped_column(Text)
+    # SQL compiled from rules: its bound values (JSON), and the rules themselves (JSON).
+    definition_params: Mapped[str | None] = mapped_column(Text)
+    definition_rules: Mapped[str | None] = mapped_column(Text)
     every_seconds: Mapped[int | None] = mapped_column(Integer)
     cron: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # ``syncer apply`` owns it (audiences.yml): read-only to ``audience update``.
+    managed: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # The removal guard's overrides of [guard]; NULL: the settings' value.
+    guard_max_removed_percent: Mapped[int | None] = mapped_column(Integer)
+    guard_min_removed: Mapped[int | None] = mapped_column(Integer)
+    # ``syncer audience approve``: the next run goes through the guard once.
+    removal_approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AudienceModel(Base):
+    """A model of audiences.yml as ``syncer apply`` stored it: a table (or a query) of a
+    source, with the columns the source reported, for the rule builder."""
+
+    __tablename__ = "audience_models"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    source_name: Mapped[str] = mapped_column(String(100))
+    table_name: Mapped[str | None] = mapped_column(String(255))
+    sql: Mapped[str | None] = mapped_column(Text)
+    primary_key: Mapped[str | None] = mapped_column(String(255))  # a parent: one row per user
+    foreign_key: Mapped[str | None] = mapped_column(String(255))  # a related model
+    timestamp_column: Mapped[str | None] = mapped_column(String(255))
+    columns: Mapped[str] = mapped_column(Text)  # JSON: [[name, type], ...]
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Destination(Base):
@@ -182,7 +211,7 @@ class SyncRun(Base):
     __table_args__ = (
         CheckConstraint("kind IN ('initial', 'incremental')", name="kind"),
         CheckConstraint(
-            "status IN ('running', 'succeeded', 'partial', 'failed', 'interrupted')",
+            "status IN ('running', 'succeeded', 'partial', 'failed', 'interrupted', 'held')",
             name="status",
         ),
         # Unique, as ``id`` alone is: the key the history's foreign keys refer to (``in_run``).
@@ -371,6 +400,7 @@ def _table(model: type[Base]) -> Table:
 
 
 AUDIENCES = _table(Audience)
+AUDIENCE_MODELS = _table(AudienceModel)
 MEMBERSHIPS = _table(Membership)
 DELIVERIES = _table(Delivery)
 DELIVERY_PAGES = _table(DeliveryPage)

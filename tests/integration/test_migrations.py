@@ -26,6 +26,7 @@ from tests.integration.conftest import World
 STATE_TABLES = {
     "alembic_version",
     "audiences",
+    "audience_models",
     "audience_destinations",
     "deliveries",
     "delivery_pages",
