@@ -45,6 +45,9 @@ DEFAULT_EVERY = "3h"
 DEFAULT_TIMEZONE = "UTC"
 DEFAULT_SHUTDOWN_GRACE = "30s"
 DEFAULT_QUERY_TIMEOUT_SECONDS = 300.0
+DEFAULT_MAX_REMOVED_PERCENT = 50  # the removal guard: a run removing more than this share...
+DEFAULT_MIN_REMOVED = 100  # ...and at least this many members is held
+MAX_MIN_REMOVED = 1_000_000_000
 # Databases that can hold syncer's state; sources may use any SQLAlchemy dialect.
 STATE_BACKENDS = ("sqlite", "postgresql", "mysql", "mariadb")
 MAX_ALLOWED_DIRECTORIES = 100
@@ -388,12 +391,22 @@ class ScheduleSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GuardSettings:
+    """The removal guard: a run that would remove more than ``max_removed_percent`` of the
+    audience's members, and at least ``min_removed`` of them, is held (100 turns it off)."""
+
+    max_removed_percent: int = DEFAULT_MAX_REMOVED_PERCENT
+    min_removed: int = DEFAULT_MIN_REMOVED
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     path: Path | None
     database: DatabaseSettings
     sources: Mapping[str, SourceSettings]
     tray: TraySettings = field(default_factory=TraySettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    guard: GuardSettings = field(default_factory=GuardSettings)
 
     def source(self, name: str) -> SourceSettings:
         try:
@@ -469,7 +482,7 @@ def _shown_path(path: Path) -> str:
 
 def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None = None) -> Settings:
     expanded = _expand(raw, where="")
-    _only(expanded, {"database", "sources", "tray", "schedule"}, where="settings")
+    _only(expanded, {"database", "sources", "tray", "schedule", "guard"}, where="settings")
 
     db_raw = _table(expanded, "database")
     _only(db_raw, {"url"}, where="[database]")
@@ -628,7 +641,30 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
             at_most=MAX_SHUTDOWN_GRACE_SECONDS,
         ),
     )
-    return Settings(path=path, database=database, sources=sources, tray=tray, schedule=schedule)
+    guard_raw = _table(expanded, "guard")
+    _only(guard_raw, {"max_removed_percent", "min_removed"}, where="[guard]")
+    guard = GuardSettings(
+        max_removed_percent=_whole_number(
+            guard_raw.get("max_removed_percent", DEFAULT_MAX_REMOVED_PERCENT),
+            "[guard] max_removed_percent",
+            0,
+            100,
+        ),
+        min_removed=_whole_number(
+            guard_raw.get("min_removed", DEFAULT_MIN_REMOVED),
+            "[guard] min_removed",
+            0,
+            MAX_MIN_REMOVED,
+        ),
+    )
+    return Settings(
+        path=path,
+        database=database,
+        sources=sources,
+        tray=tray,
+        schedule=schedule,
+        guard=guard,
+    )
 
 
 def _expand(value: Any, *, where: str) -> Any:
@@ -885,8 +921,9 @@ def _number(value: Any, what: str, low: float, high: float, *, low_is: str | Non
 
 
 def _whole_number(value: Any, what: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{what} must be a positive whole number, got {_cut(repr(value))}")
+    if isinstance(value, bool) or not isinstance(value, int) or (value <= 0 and low > 0):
+        kind = "a positive whole number" if low > 0 else "a whole number"
+        raise ConfigError(f"{what} must be {kind}, got {_cut(repr(value))}")
     if value < low:
         raise ConfigError(f"{what} must be at least {low}, got {value}")
     if value > high:
