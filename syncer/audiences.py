@@ -6,9 +6,12 @@ deleted audience keeps its row (status ``deleted``) so that its key is never reu
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import inflection
 from sqlalchemy import Engine, RowMapping, insert, select, update
@@ -79,6 +82,14 @@ def parse_schedule(every: str | None, cron: str | None) -> Schedule:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GuardOverrides:
+    """An audience's own removal guard thresholds; None: the [guard] setting."""
+
+    max_removed_percent: int | None = None
+    min_removed: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class AudienceView:
     """An audience as commands show it."""
 
@@ -91,6 +102,12 @@ class AudienceView:
     schedule: Schedule
     created_at: datetime
     updated_at: datetime
+    # SQL compiled from rules: its bound values, and the rules (None: hand-written SQL).
+    params: Mapping[str, Any] | None = None
+    rules: Any = None
+    managed: bool = False  # syncer apply owns it (audiences.yml)
+    guard: GuardOverrides = field(default_factory=lambda: GuardOverrides())
+    removal_approved_at: datetime | None = None
 
     @classmethod
     def of(cls, row: RowMapping) -> AudienceView:
@@ -104,6 +121,14 @@ class AudienceView:
             schedule=Schedule(every_seconds=row["every_seconds"], cron=row["cron"]),
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            params=json.loads(row["definition_params"]) if row["definition_params"] else None,
+            rules=json.loads(row["definition_rules"]) if row["definition_rules"] else None,
+            managed=bool(row["managed"]),
+            guard=GuardOverrides(
+                max_removed_percent=row["guard_max_removed_percent"],
+                min_removed=row["guard_min_removed"],
+            ),
+            removal_approved_at=row["removal_approved_at"],
         )
 
 

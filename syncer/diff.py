@@ -64,6 +64,7 @@ from syncer.models import (
     owed,
 )
 from syncer.sources import (
+    Params,
     Source,
     drop_definer_function,
     fenced,
@@ -138,10 +139,11 @@ def reset_temp_tables(conn: Connection) -> None:
             drop_definer_function(conn)
 
 
-def stage(conn: Connection, source: Source | None, sql: str) -> Staged:
+def stage(conn: Connection, source: Source | None, sql: str, params: Params = None) -> Staged:
     """Evaluate the definition on its source and load the ids into ``syncer_staged``.
 
-    Without a source the audience is being retired: its new snapshot is empty.
+    Without a source the audience is being retired: its new snapshot is empty. ``params``:
+    the bound values of SQL compiled from rules.
     """
     if source is not None:
         sql = normalize_sql(sql, source.dialect)  # again: it may predate the check
@@ -152,9 +154,9 @@ def stage(conn: Connection, source: Source | None, sql: str) -> Staged:
     if source is None:
         loaded = Loaded(rows=0, skipped=0)
     elif source.same_as_state:
-        loaded = _stage_in_place(conn, source, sql)
+        loaded = _stage_in_place(conn, source, sql, params)
     else:
-        loaded = _stage_streamed(conn, source, sql)
+        loaded = _stage_streamed(conn, source, sql, params)
     members = loaded.rows
     if dialect == "postgresql":
         members -= _key_postgres_stage(conn)
@@ -183,7 +185,7 @@ def _key_postgres_stage(conn: Connection) -> int:
     return duplicates
 
 
-def _stage_in_place(conn: Connection, source: Source, sql: str) -> Loaded:
+def _stage_in_place(conn: Connection, source: Source, sql: str, params: Params) -> Loaded:
     """Source and state are one database: ``INSERT … SELECT``, no round trip through Python.
 
     The rows left out are counted in the same scan where the database allows it (SQLite,
@@ -194,7 +196,7 @@ def _stage_in_place(conn: Connection, source: Source, sql: str) -> Loaded:
             _skip_counter(conn) as counter,
             fenced(conn, source, commit=True, staging=True) as reader,
         ):
-            query = reader.member_query(sql, reader.id_column(sql))
+            query = reader.member_query(sql, reader.id_column(sql, params), params)
             keep = query.valid
             if counter is not None:
                 keep = case((query.valid, true()), else_=counter.condition)
@@ -268,7 +270,7 @@ def _skip_counter(conn: Connection) -> Iterator[_SkipCounter | None]:
         raw.create_function(_SQLITE_SKIP_FUNCTION, 0, None)
 
 
-def _stage_streamed(conn: Connection, source: Source, sql: str) -> Loaded:
+def _stage_streamed(conn: Connection, source: Source, sql: str, params: Params) -> Loaded:
     """Different databases: stream ids from the source in batches into the state database.
 
     Rows come straight from the driver's cursor (``fetchmany``: plain tuples, no result-row
@@ -276,7 +278,7 @@ def _stage_streamed(conn: Connection, source: Source, sql: str) -> Loaded:
     skipped = 0
     try:
         with source.engine.connect() as src, fenced(src, source) as reader:
-            query = reader.member_query(sql, reader.id_column(sql))
+            query = reader.member_query(sql, reader.id_column(sql, params), params)
             with (
                 _driver_cursor(src, query.raw, reader.deadline) as cursor,
                 conn.begin(),

@@ -32,7 +32,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +67,9 @@ from syncer.models import MYSQL, USER_ID_LENGTH, Base
 from syncer.settings import STATE_BACKENDS, Settings, SourceSettings
 
 USER_ID_COLUMN = "user_id"
+# The bound values of SQL compiled from rules (``syncer.definitions.rules``), by name; None for
+# hand-written SQL, which has none.
+Params = Mapping[str, Any] | None
 # The dialects fenced by the checks of this module (those that can hold syncer's state too);
 # others by ``syncer.dialects``' rules.
 _TESTED = frozenset(STATE_BACKENDS)
@@ -192,10 +195,10 @@ class Reader:
         if self.deadline is not None:
             self.deadline.check()
 
-    def id_column(self, sql: str) -> str:
+    def id_column(self, sql: str, params: Params = None) -> str:
         """The column that holds user ids: the only one, or the one named ``user_id``."""
         if self.definer_role is not None:
-            names, types = _describe_postgres(self.conn, sql)
+            names, types = _describe_postgres(self.conn, self._bound(sql, params))
             name = _pick_id_column(names)
             if types[names.index(name)] == _PG_BYTEA:
                 raise AudienceError(
@@ -204,12 +207,15 @@ class Reader:
                 )
             return name
         if self.conn.dialect.name in _TESTED:
-            return id_column(self.conn, sql)
-        return _portable_id_column(self.conn, sql)
+            return id_column(self.conn, sql, params)
+        return _portable_id_column(self.conn, sql, params)
 
-    def member_query(self, sql: str, id_name: str, *, limit: int | None = None) -> MemberQuery:
+    def member_query(
+        self, sql: str, id_name: str, params: Params = None, *, limit: int | None = None
+    ) -> MemberQuery:
         if self.definer_role is None:
-            return member_query(sql, id_name)
+            return member_query(sql, id_name, params)
+        sql = self._bound(sql, params)
         quoted = self.conn.dialect.identifier_preparer.quote_identifier(id_name)
         inner = f"SELECT CAST(audience_query.{quoted} AS text) FROM ({sql}\n) AS audience_query"
         if limit is not None:
@@ -218,6 +224,18 @@ class Reader:
         return _member_query(
             rows.bindparams(syncer_query=inner).columns(column(USER_ID_COLUMN)), USER_ID_COLUMN
         )
+
+    def _bound(self, sql: str, params: Params) -> str:
+        """PostgreSQL's definer function runs its query as text (``EXECUTE``), which takes no
+        parameters: the values of SQL compiled from rules are bound into it by the driver's
+        own client-side binding (psycopg's ``ClientCursor.mogrify``: its quoting, not ours)."""
+        if not params:
+            return sql
+        import psycopg
+
+        compiled = text(sql).bindparams(**params).compile(dialect=self.conn.dialect)
+        raw: Any = self.conn.connection.dbapi_connection
+        return str(psycopg.ClientCursor(raw).mogrify(str(compiled), compiled.params))
 
 
 @contextmanager
@@ -617,19 +635,20 @@ def _pick_id_column(names: list[str]) -> str:
     )
 
 
-def _portable_id_column(conn: Connection, sql: str) -> str:
+def _portable_id_column(conn: Connection, sql: str, params: Params = None) -> str:
     """``id_column`` for any dialect: SQLAlchemy writes the LIMIT as the dialect wants it
     (``TOP``, ``FETCH FIRST`` …); nothing is fetched."""
-    query: Select[Any] = (
-        select(literal_column("*")).select_from(text(f"({sql}\n) AS audience_query")).limit(0)
-    )
+    rows = text(f"({sql}\n) AS audience_query")
+    if params:
+        rows = rows.bindparams(**params)
+    query: Select[Any] = select(literal_column("*")).select_from(rows).limit(0)
     result = conn.execute(query)
     names = list(result.keys())
     result.close()
     return _pick_id_column(names)
 
 
-def id_column(conn: Connection, sql: str) -> str:
+def id_column(conn: Connection, sql: str, params: Params = None) -> str:
     """The column that holds user ids: the only one, or the one named ``user_id``.
 
     Every statement that embeds audience SQL carries a bound parameter: drivers send
@@ -637,7 +656,8 @@ def id_column(conn: Connection, sql: str) -> str:
     several statements (``…) x; COMMIT; DELETE …``); with a parameter, it refuses them.
     """
     result = conn.execute(
-        text(f"SELECT * FROM ({sql}\n) AS audience_query LIMIT :none"), {"none": 0}
+        text(f"SELECT * FROM ({sql}\n) AS audience_query LIMIT :none"),
+        {**(params or {}), "none": 0},
     )
     names = list(result.keys())
     result.close()
@@ -656,7 +676,7 @@ class MemberQuery:
     raw: Select[Any]  # the ids as the source returns them, for streaming
 
 
-def member_query(sql: str, id_name: str) -> MemberQuery:
+def member_query(sql: str, id_name: str, params: Params = None) -> MemberQuery:
     """The user ids of a definition as text; NULL, blank, over-long ids and ids holding a NUL
     character are not valid.
 
@@ -664,7 +684,10 @@ def member_query(sql: str, id_name: str) -> MemberQuery:
     streamed through Python). The SQL ends on a line of its own, so a trailing comment the
     database reads differently cannot reach the SQL around it.
     """
-    return _member_query(text(f"{sql}\n").columns(column(id_name)), id_name)
+    rows = text(f"{sql}\n")
+    if params:  # the values of SQL compiled from rules, bound
+        rows = rows.bindparams(**params)
+    return _member_query(rows.columns(column(id_name)), id_name)
 
 
 def _member_query(rows_text: Any, id_name: str) -> MemberQuery:
@@ -817,7 +840,7 @@ def is_valid_id(user_id: str) -> bool:
     )
 
 
-def check_definition(source: Source, sql: str) -> str:
+def check_definition(source: Source, sql: str, params: Params = None) -> str:
     """Run the definition on its source, read-only and fenced, and return it normalized.
 
     Raises AudienceError naming the problem when it is not one read-only query, when the source
@@ -828,8 +851,8 @@ def check_definition(source: Source, sql: str) -> str:
         # The connection ends with the check (callers dispose of the engine), and with it the
         # session's temporary definer function.
         with source.engine.connect() as conn, fenced(conn, source) as reader:
-            id_name = reader.id_column(sql)
-            query = reader.member_query(sql, id_name, limit=5)
+            id_name = reader.id_column(sql, params)
+            query = reader.member_query(sql, id_name, params, limit=5)
             # On the dialects syncer tests, its id checks run in SQL too; elsewhere ids are
             # checked in Python, as a run streams them.
             sample = query.members if source.dialect in _TESTED else query.raw

@@ -258,7 +258,7 @@ def evaluate_and_commit(
     try:
         with state.connect() as conn:
             try:
-                staged = diff.stage(conn, source, audience.sql)
+                staged = diff.stage(conn, source, audience.sql, audience.params)
                 changes = diff.compute(conn, audience.id)
                 changes = diff.commit_snapshot(
                     conn,
