@@ -385,6 +385,42 @@ class ServiceLease(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+# Alert events, as stored on alert_problems (and posted; a closed problem posts ``resolved``).
+ALERT_RUN_FAILED, ALERT_RUN_PARTIAL, ALERT_RUN_HELD = "run_failed", "run_partial", "run_held"
+ALERT_URL_FAILED, ALERT_DELIVERIES_OWED = "url_failed", "deliveries_owed"
+ALERT_EVENTS = (
+    ALERT_RUN_FAILED,
+    ALERT_RUN_PARTIAL,
+    ALERT_RUN_HELD,
+    ALERT_URL_FAILED,
+    ALERT_DELIVERIES_OWED,
+)
+
+
+class AlertProblem(Base):
+    """One problem alerts are about (``run:<audience id>``, ``url:<destination id>``,
+    ``owed:<destination id>``): open while ``resolved_at`` is NULL. A problem that comes back
+    after it was resolved is opened again in the same row."""
+
+    __tablename__ = "alert_problems"
+    __table_args__ = (
+        CheckConstraint(
+            "event IN ('run_failed', 'run_partial', 'run_held', 'url_failed', 'deliveries_owed')",
+            name="event",
+        ),
+    )
+
+    problem: Mapped[str] = mapped_column(String(100), primary_key=True)
+    event: Mapped[str] = mapped_column(String(32))  # the latest event of the problem
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When it was last posted (or is being posted); NULL: never.
+    last_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    sent_count: Mapped[int] = mapped_column(Integer)  # posts accepted since it was opened
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Why the last post was not accepted, per webhook host (never a URL); NULL once one is.
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
 def owed(audience_id: int | None, destination_ids: Sequence[int]) -> ColumnElement[bool]:
     """Deliveries of an audience (None: user deletions) still owed to some workflow URLs."""
     d = DELIVERIES.c
@@ -408,3 +444,4 @@ SYNC_LEASES = _table(SyncLease)
 SERVICE_LEASES = _table(ServiceLease)
 USER_DELETIONS = _table(UserDeletion)
 SYNCER_SETTINGS = _table(Setting)
+ALERT_PROBLEMS = _table(AlertProblem)

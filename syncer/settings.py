@@ -48,6 +48,9 @@ DEFAULT_QUERY_TIMEOUT_SECONDS = 300.0
 DEFAULT_MAX_REMOVED_PERCENT = 50  # the removal guard: a run removing more than this share...
 DEFAULT_MIN_REMOVED = 100  # ...and at least this many members is held
 MAX_MIN_REMOVED = 1_000_000_000
+DEFAULT_OWED_LONGER_THAN = "1h"  # [alerts]: deliveries owed longer than this are a problem
+DEFAULT_REPEAT_AFTER = "4h"  # [alerts]: an open problem is posted again after this long
+MAX_WEBHOOK_URLS = 10
 # Databases that can hold syncer's state; sources may use any SQLAlchemy dialect.
 STATE_BACKENDS = ("sqlite", "postgresql", "mysql", "mariadb")
 MAX_ALLOWED_DIRECTORIES = 100
@@ -71,6 +74,7 @@ MIN_REQUESTS_PER_SECOND, MAX_REQUESTS_PER_SECOND = 0.1, 1e6
 MIN_BACKOFF_SECONDS = 0.001
 MAX_BACKOFF_BASE_SECONDS, MAX_BACKOFF_MAX_SECONDS = 60.0, 3600.0
 MIN_DELIVERY_PROCESSES = 1
+MIN_ALERT_DURATION_SECONDS, MAX_ALERT_DURATION_SECONDS = 60, 30 * DAY  # [alerts] durations
 # No duration anywhere is longer than this (~100 years), and its numbers have at most this
 # many digits: nothing computed from one can overflow a datetime.
 MAX_DURATION_SECONDS = 36_600 * DAY
@@ -400,6 +404,16 @@ class GuardSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AlertSettings:
+    """Where alerts are posted (secrets, like workflow URLs: shown as hosts only) and when."""
+
+    webhook_urls: tuple[str, ...] = ()  # normalised (normalize_workflow_url), distinct
+    owed_longer_than_seconds: int = parse_duration(DEFAULT_OWED_LONGER_THAN, what="default")
+    repeat_after_seconds: int = parse_duration(DEFAULT_REPEAT_AFTER, what="default")
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS  # one POST: connect, send, the answer
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     path: Path | None
     database: DatabaseSettings
@@ -407,6 +421,7 @@ class Settings:
     tray: TraySettings = field(default_factory=TraySettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     guard: GuardSettings = field(default_factory=GuardSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def source(self, name: str) -> SourceSettings:
         try:
@@ -482,7 +497,9 @@ def _shown_path(path: Path) -> str:
 
 def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None = None) -> Settings:
     expanded = _expand(raw, where="")
-    _only(expanded, {"database", "sources", "tray", "schedule", "guard"}, where="settings")
+    _only(
+        expanded, {"database", "sources", "tray", "schedule", "guard", "alerts"}, where="settings"
+    )
 
     db_raw = _table(expanded, "database")
     _only(db_raw, {"url"}, where="[database]")
@@ -664,7 +681,65 @@ def parse_settings(raw: Mapping[str, Any], *, base_dir: Path, path: Path | None 
         tray=tray,
         schedule=schedule,
         guard=guard,
+        alerts=_alert_settings(_table(expanded, "alerts")),
     )
+
+
+def _alert_settings(raw: Mapping[str, Any]) -> AlertSettings:
+    _only(
+        raw,
+        {"webhook_urls", "owed_longer_than", "repeat_after", "timeout_seconds"},
+        where="[alerts]",
+    )
+    durations = {
+        name: parse_duration(
+            _duration_text(raw.get(name, default), f"[alerts] {name}"),
+            what=f"[alerts] {name}",
+            at_least=MIN_ALERT_DURATION_SECONDS,
+            at_most=MAX_ALERT_DURATION_SECONDS,
+        )
+        for name, default in (
+            ("owed_longer_than", DEFAULT_OWED_LONGER_THAN),
+            ("repeat_after", DEFAULT_REPEAT_AFTER),
+        )
+    }
+    return AlertSettings(
+        webhook_urls=_webhook_urls(raw.get("webhook_urls")),
+        owed_longer_than_seconds=durations["owed_longer_than"],
+        repeat_after_seconds=durations["repeat_after"],
+        timeout_seconds=_number(
+            raw.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS),
+            "[alerts] timeout_seconds",
+            MIN_TIMEOUT_SECONDS,
+            MAX_TIMEOUT_SECONDS,
+        ),
+    )
+
+
+def _webhook_urls(value: Any) -> tuple[str, ...]:
+    """[alerts] webhook_urls: 0 to MAX_WEBHOOK_URLS URLs, read as workflow URLs are (they are
+    bearer secrets too: messages show their host only)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            '[alerts] webhook_urls must be a list of URLs, like ["https://hooks.slack.com/<path>"]'
+        )
+    if len(value) > MAX_WEBHOOK_URLS:
+        raise ConfigError(
+            f"[alerts] webhook_urls has {len(value)} URLs; give at most {MAX_WEBHOOK_URLS}"
+        )
+    urls: list[str] = []
+    for i, url in enumerate(value):
+        normal = normalize_workflow_url(url, what=f"[alerts] webhook_urls[{i}]")
+        if normal in urls:
+            raise ConfigError(
+                f"[alerts] webhook_urls[{i}] is the same URL as webhook_urls[{urls.index(normal)}] "
+                f"(host {url_host(normal)}) once normalised, so every alert would be posted "
+                "twice; list each URL once"
+            )
+        urls.append(normal)
+    return tuple(urls)
 
 
 def _expand(value: Any, *, where: str) -> Any:

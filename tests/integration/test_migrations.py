@@ -25,6 +25,7 @@ from tests.integration.conftest import World
 
 STATE_TABLES = {
     "alembic_version",
+    "alert_problems",
     "audiences",
     "audience_models",
     "audience_destinations",
