@@ -19,8 +19,14 @@ what a reader expects: a user with no plan is "not pro".
 
 from __future__ import annotations
 
+import json
 import math
+import operator
+import re
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import date, datetime, time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -40,9 +46,46 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
+from sqlalchemy import (
+    BindParameter,
+    Boolean,
+    ColumnElement,
+    Connection,
+    Date,
+    DateTime,
+    Dialect,
+    FromClause,
+    Integer,
+    Numeric,
+    Select,
+    String,
+    Time,
+    and_,
+    bindparam,
+    column,
+    false,
+    func,
+    inspect,
+    literal_column,
+    not_,
+    or_,
+    select,
+    table,
+    text,
+    true,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine.interfaces import BindTyping
+from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.sqltypes import NullType
+from sqlalchemy.types import TypeEngine
 
 from syncer.errors import AudienceError, ConfigError
 from syncer.settings import parse_duration
+from syncer.sources import USER_ID_COLUMN, describe_db_error, normalize_sql
 
 # Bounds on one rule: a file is input, and a rule becomes one SQL statement.
 MAX_DEPTH = 20  # conditions nested in groups (and related ``where``s)
@@ -433,3 +476,458 @@ class RuleError(AudienceError):
         super().__init__(message)
         self.path = path
         self.message = message
+
+
+# --- metadata: the only step that reads a database ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model and its columns as its source reports them (names in the database's own case;
+    types are ``NullType`` for a ``sql`` model). A ``sql`` model's spec holds its normalized
+    SQL."""
+
+    name: str
+    spec: ModelSpec
+    columns: Mapping[str, TypeEngine[Any]]
+
+    def column(self, name: str, path: tuple[str | int, ...]) -> str:
+        """The column's name as the database spells it: exactly, or else the one column that
+        matches ignoring case."""
+        if name in self.columns:
+            return name
+        folded = [column for column in self.columns if column.lower() == name.lower()]
+        if len(folded) == 1:
+            return folded[0]
+        raise RuleError(
+            path, f"no column {name!r} in model {self.name} (columns: {_listed(self.columns)})"
+        )
+
+
+def describe_model(conn: Connection, name: str, spec: ModelSpec) -> ModelInfo:
+    """Read a model's columns from its source: one read-only query, nothing fetched.
+
+    Run it the way audience SQL runs (``syncer.sources.fenced``). A ``sql`` model's SQL is
+    checked like hand-written audience SQL first. Raises RuleError with a path inside the
+    model's entry (``("table",)``, ``("primary_key",)`` …): no such table, SQL that is refused or
+    fails, a key or timestamp column it does not have.
+    """
+    if spec.table is not None:
+        schema, _, table_name = spec.table.rpartition(".")
+        try:
+            if conn.dialect.name == "duckdb":
+                columns = _duckdb_columns(conn, table_name, schema or None)
+            else:
+                reflected = inspect(conn).get_columns(table_name, schema=schema or None)
+                columns = {str(c["name"]): c["type"] for c in reflected}
+        except NoSuchTableError:
+            raise RuleError(
+                ("table",), f"no table {spec.table!r} on source {spec.source!r}"
+            ) from None
+        except SQLAlchemyError as exc:
+            raise RuleError(
+                ("table",),
+                f"could not read table {spec.table!r} on source {spec.source!r}: "
+                f"{describe_db_error(exc)}",
+            ) from None
+        if not columns:  # some dialects report a missing table as one without columns
+            raise RuleError(("table",), f"no table {spec.table!r} on source {spec.source!r}")
+    else:
+        assert spec.sql is not None
+        try:
+            sql = normalize_sql(spec.sql, conn.dialect.name)
+        except AudienceError as exc:
+            raise RuleError(("sql",), str(exc)) from None
+        _check_no_colon_names(sql)
+        query: Select[Any] = (
+            select(literal_column("*")).select_from(text(f"({sql}\n) AS model_query")).limit(0)
+        )
+        try:
+            result = conn.execute(query)
+            names = list(result.keys())
+            result.close()
+        except SQLAlchemyError as exc:
+            raise RuleError(
+                ("sql",),
+                f"the model's SQL failed on source {spec.source!r}: {describe_db_error(exc)}",
+            ) from None
+        columns = {str(column_name): NullType() for column_name in names}
+        spec = spec.model_copy(update={"sql": sql})
+    info = ModelInfo(name=name, spec=spec, columns=columns)
+    for key in ("primary_key", "foreign_key", "timestamp"):
+        wanted = getattr(spec, key)
+        if wanted is not None:
+            info.column(wanted, (key,))
+    return info
+
+
+def _duckdb_columns(
+    conn: Connection, table_name: str, schema: str | None
+) -> dict[str, TypeEngine[Any]]:
+    """DuckDB's own catalog (duckdb_engine reflects through PostgreSQL's, which DuckDB 1.2+
+    does not fully have)."""
+    rows = conn.execute(
+        text(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = :table_name AND table_schema = coalesce(:schema, current_schema()) "
+            "AND table_catalog = current_database() ORDER BY ordinal_position"
+        ),
+        {"table_name": table_name, "schema": schema},
+    ).all()
+    return {str(name): _duckdb_type(str(data_type)) for name, data_type in rows}
+
+
+def _duckdb_type(name: str) -> TypeEngine[Any]:
+    name = name.upper()
+    if name.startswith(("VARCHAR", "TEXT", "STRING", "CHAR", "BPCHAR")):
+        return String()
+    if name == "BOOLEAN":
+        return Boolean()
+    if name.removeprefix("U") in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT"):
+        return Integer()
+    if name.startswith(("DOUBLE", "FLOAT", "REAL", "DECIMAL", "NUMERIC")):
+        return Numeric()
+    if name.startswith("TIMESTAMP"):
+        return DateTime(timezone=name in ("TIMESTAMP WITH TIME ZONE", "TIMESTAMPTZ"))
+    if name == "DATE":
+        return Date()
+    if name.startswith("TIME"):
+        return Time()
+    return NullType()
+
+
+def _check_no_colon_names(sql: str) -> None:
+    """SQLAlchemy reads ``:name`` in SQL text as a parameter, even inside a string literal; the
+    compiled query would bind it to NULL."""
+    found = text(sql)._bindparams
+    if found:
+        raise RuleError(
+            ("sql",),
+            f"the model's SQL holds ':{next(iter(found))}', which would be read as a parameter; "
+            "write it another way (e.g. ':' || 'name')",
+        )
+
+
+def _listed(names: Iterable[str]) -> str:
+    shown = sorted(names)
+    return ", ".join(shown[:20]) + (f" … ({len(shown)} in all)" if len(shown) > 20 else "")
+
+
+# --- the compiler: rules and metadata in, a Select out; no side effects ---------------------------
+
+
+def compile_rules(
+    rules: Condition, parent: ModelInfo, related: Mapping[str, ModelInfo]
+) -> Select[Any]:
+    """``SELECT <parent>.<primary_key> AS user_id FROM <parent> WHERE <rules>``.
+
+    ``related``: the models a ``related:`` condition may name (others, the parent itself, are
+    refused with the reason). RuleError paths start at ``("rules",)``: the audience entry's key.
+    """
+    if not parent.spec.is_parent:
+        raise RuleError(
+            ("rules",),
+            f"model {parent.name!r} is not a parent model: give one with primary_key "
+            "(one row per user) and no foreign_key",
+        )
+    assert parent.spec.primary_key is not None
+    compiler = _Compiler(parent, related)
+    parent_rows = compiler.parent_rows
+    condition = compiler.condition(rules, parent, parent_rows, ("rules",))
+    key = parent_rows.c[parent.column(parent.spec.primary_key, ("rules",))]
+    return select(key.label(USER_ID_COLUMN)).select_from(parent_rows).where(condition)
+
+
+class _Compiler:
+    def __init__(self, parent: ModelInfo, related: Mapping[str, ModelInfo]) -> None:
+        self.parent = parent
+        self.related = related
+        self.parent_rows = self.rows(parent)
+
+    def rows(self, model: ModelInfo) -> FromClause:
+        """The model as a FROM item named after it."""
+        columns = [column(name, type_) for name, type_ in model.columns.items()]
+        if model.spec.table is not None:
+            schema, _, table_name = model.spec.table.rpartition(".")
+            return table(table_name, *columns, schema=schema or None).alias(model.name)
+        assert model.spec.sql is not None
+        return text(f"{model.spec.sql}\n").columns(*columns).subquery(model.name)
+
+    def condition(
+        self,
+        node: Condition | WhereCondition,
+        model: ModelInfo,
+        rows: FromClause,
+        path: tuple[str | int, ...],
+    ) -> ColumnElement[bool]:
+        if isinstance(node, AttributeCondition):
+            return self.attribute(node, model, rows, path)
+        if isinstance(node, RelatedCondition):
+            return self.related_rows(node, path)
+        if node.not_ is not None:
+            return not_(self.condition(node.not_, model, rows, (*path, "not")))
+        kind = node.kind
+        children = [
+            self.condition(child, model, rows, (*path, kind, index))
+            for index, child in enumerate((node.all_ if kind == "all" else node.any_) or [])
+        ]
+        if kind == "all":
+            return and_(true(), *children) if not children else and_(*children)
+        return or_(false(), *children) if not children else or_(*children)
+
+    def attribute(
+        self,
+        node: AttributeCondition,
+        model: ModelInfo,
+        rows: FromClause,
+        path: tuple[str | int, ...],
+    ) -> ColumnElement[bool]:
+        name = model.column(node.attribute, (*path, "attribute"))
+        col: ColumnElement[Any] = rows.c[name]
+        operator, value = node.operator, node.value
+        where = (*path, operator)
+        if operator == "is_null":
+            return col.is_(None)
+        if operator == "is_not_null":
+            return col.is_not(None)
+        kind = _kind(col.type)
+        if operator == "contains":
+            if kind not in ("text", None):
+                raise RuleError(where, f"contains needs a text column; {name!r} is a {kind} column")
+            return and_(col.is_not(None), col.icontains(value, autoescape=True))
+        values = value if isinstance(value, list) else [value]
+        for index, item in enumerate(values):
+            _check_value(item, kind, name, (*where, index) if isinstance(value, list) else where)
+        bound = [_bind(item, col.type, kind, name) for item in values]
+        if operator == "in":
+            return and_(col.is_not(None), col.in_(bound))
+        if operator == "not_in":
+            return or_(col.is_(None), col.not_in(bound))
+        compare = _COMPARE[operator]
+        if operator == "ne":
+            return or_(col.is_(None), compare(col, bound[0]))
+        return and_(col.is_not(None), compare(col, bound[0]))
+
+    def related_rows(
+        self, node: RelatedCondition, path: tuple[str | int, ...]
+    ) -> ColumnElement[bool]:
+        model = self.related.get(node.related)
+        where = (*path, "related")
+        if model is None:
+            if node.related == self.parent.name:
+                model = self.parent
+            else:
+                known = _listed({*self.related, self.parent.name})
+                raise RuleError(where, f"no model {node.related!r} (known: {known})")
+        if not model.spec.is_related:
+            raise RuleError(
+                where,
+                f"model {node.related!r} is not related: give a model with foreign_key",
+            )
+        if model.spec.source != self.parent.spec.source:
+            raise RuleError(
+                where,
+                f"model {node.related!r} is on source {model.spec.source!r} and model "
+                f"{self.parent.name!r} on {self.parent.spec.source!r}: an audience's models "
+                "are on one source",
+            )
+        assert model.spec.foreign_key is not None and self.parent.spec.primary_key is not None
+        rows = self.rows(model)
+        parent_key = self.parent_rows.c[self.parent.column(self.parent.spec.primary_key, where)]
+        conditions: list[ColumnElement[bool]] = [
+            rows.c[model.column(model.spec.foreign_key, where)] == parent_key
+        ]
+        if node.within is not None:
+            if model.spec.timestamp is None:
+                raise RuleError(
+                    (*path, "within"),
+                    f"'within' needs a timestamp on model {node.related!r}",
+                )
+            stamp = rows.c[model.column(model.spec.timestamp, (*path, "within"))]
+            conditions.append(_Since(stamp, _seconds(node.within_seconds)))
+        if node.where is not None:
+            if isinstance(node.where, list):
+                conditions.extend(
+                    self.condition(child, model, rows, (*path, "where", index))
+                    for index, child in enumerate(node.where)
+                )
+            else:
+                conditions.append(self.condition(node.where, model, rows, (*path, "where")))
+        operator, count = node.count_operator, node.count
+        if operator == "at_least" and count == 0:
+            return true()
+        matching: Select[Any] = select(literal_column("1")).select_from(rows).where(*conditions)
+        if operator == "at_least" and count == 1:
+            return matching.exists()
+        if count == 0:  # exactly 0, at_most 0
+            return ~matching.exists()
+        counted = select(func.count()).select_from(rows).where(*conditions).scalar_subquery()
+        bound = bindparam(operator, count, type_=Integer(), unique=True)
+        if operator == "at_least":
+            return counted >= bound
+        if operator == "at_most":
+            return counted <= bound
+        return counted == bound
+
+
+_COMPARE: dict[str, Callable[[ColumnElement[Any], ColumnElement[Any]], ColumnElement[bool]]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+}
+
+_SHOWN_KIND = {"text": "text", "number": "number", "boolean": "true/false", "date": "date"}
+
+
+def _kind(type_: TypeEngine[Any]) -> str | None:
+    """What values a column holds, as far as its reported type tells (None: unknown)."""
+    if isinstance(type_, Boolean):
+        return "boolean"
+    if isinstance(type_, mysql.TINYINT) and type_.display_width == 1:
+        return None  # MySQL's BOOLEAN: true/false or a number
+    if isinstance(type_, Integer | Numeric):
+        return "number"
+    if isinstance(type_, String):
+        return "text"
+    if isinstance(type_, DateTime):
+        return "datetime"
+    if isinstance(type_, Date):
+        return "date"
+    if isinstance(type_, Time):
+        return "time"
+    return None
+
+
+def _check_value(value: Any, kind: str | None, name: str, path: tuple[str | int, ...]) -> None:
+    """The value fits the column (a mistake here is a run failing on the source later, or on
+    some databases a comparison that is silently never true)."""
+    shown = repr(value) if isinstance(value, str) else json.dumps(value)
+    if kind == "text" and not isinstance(value, str):
+        raise RuleError(path, f"{name!r} is a text column: write the value in quotes ('{shown}')")
+    if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise RuleError(path, f"{name!r} is a number column: write a number, not {shown}")
+    if kind == "boolean" and not isinstance(value, bool):
+        raise RuleError(path, f"{name!r} is a true/false column: write true or false, not {shown}")
+    if kind in ("date", "datetime", "time"):
+        parse = {"date": date.fromisoformat, "datetime": datetime.fromisoformat}.get(
+            kind, time.fromisoformat
+        )
+        example = {"date": "2024-01-31", "datetime": "2024-01-31 18:30:00"}.get(kind, "18:30")
+        try:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            parse(value)
+        except ValueError:
+            raise RuleError(
+                path, f"{name!r} is a {kind} column: write a {kind} in quotes, like '{example}'"
+            ) from None
+
+
+def _bind(value: Any, type_: TypeEngine[Any], kind: str | None, name: str) -> BindParameter[Any]:
+    """A bound value, named after its column for reading (``:plan_1``). Dates and times stay
+    text (ISO 8601), which every database reads as the column's type: a run binds the stored
+    values by their Python type, and the Select here binds them the same way."""
+    key = re.sub(r"\W", "_", name.encode("ascii", "replace").decode()).strip("_")[:30] or "value"
+    if key[0].isdigit():
+        key = f"value_{key}"
+    if kind is None or kind in ("date", "datetime", "time"):
+        return bindparam(key, value, unique=True)  # typed by the value
+    return bindparam(key, value, type_=type_, unique=True)
+
+
+def _seconds(seconds: int | None) -> BindParameter[int]:
+    assert seconds is not None
+    return bindparam("within_seconds", seconds, type_=Integer(), unique=True)
+
+
+class _Since(FunctionElement[bool]):
+    """``timestamp >= now - seconds``, now as the database has it when the query runs (the
+    compiled SQL is stored and run for months). Naive timestamps are read as UTC; a text
+    column as an ISO 8601 timestamp; on SQLite an integer column as Unix time."""
+
+    type = Boolean()
+    name = "since"
+    inherit_cache = True
+    _is_implicitly_boolean = True
+
+
+def _since_parts(
+    element: _Since, compiler: SQLCompiler, **kw: Any
+) -> tuple[str, str, TypeEngine[Any]]:
+    stamp, seconds = element.clauses
+    return compiler.process(stamp, **kw), compiler.process(seconds, **kw), stamp.type
+
+
+@compiles(_Since)
+def _since_ansi(element: _Since, compiler: SQLCompiler, **kw: Any) -> str:
+    stamp, seconds, _ = _since_parts(element, compiler, **kw)
+    return f"({stamp} >= CURRENT_TIMESTAMP - {seconds} * INTERVAL '1' SECOND)"
+
+
+@compiles(_Since, "sqlite")
+def _since_sqlite(element: _Since, compiler: SQLCompiler, **kw: Any) -> str:
+    stamp, seconds, type_ = _since_parts(element, compiler, **kw)
+    # datetime() reads '2024-01-31T18:30:00Z' and '2024-01-31 18:30:00' alike, so they compare
+    # as times, not as text.
+    read = f"datetime({stamp}, 'unixepoch')" if isinstance(type_, Integer) else f"datetime({stamp})"
+    return f"({read} >= datetime('now', '-' || {seconds} || ' seconds'))"
+
+
+@compiles(_Since, "postgresql")
+def _since_postgresql(element: _Since, compiler: SQLCompiler, **kw: Any) -> str:
+    stamp, seconds, type_ = _since_parts(element, compiler, **kw)
+    since = f"make_interval(secs => {seconds})"
+    if isinstance(type_, DateTime) and type_.timezone:
+        return f"({stamp} >= now() - {since})"
+    if isinstance(type_, String):
+        stamp = f"CAST({stamp} AS TIMESTAMP)"
+    return f"({stamp} >= (now() AT TIME ZONE 'UTC') - {since})"
+
+
+@compiles(_Since, "duckdb")
+def _since_duckdb(element: _Since, compiler: SQLCompiler, **kw: Any) -> str:
+    stamp, seconds, type_ = _since_parts(element, compiler, **kw)
+    since = f"to_seconds(CAST({seconds} AS BIGINT))"
+    if isinstance(type_, DateTime) and type_.timezone:
+        return f"({stamp} >= now() - {since})"
+    if isinstance(type_, String):
+        stamp = f"CAST({stamp} AS TIMESTAMP)"
+    return f"({stamp} >= CAST(timezone('UTC', now()) AS TIMESTAMP) - {since})"
+
+
+@compiles(_Since, "mysql")
+@compiles(_Since, "mariadb")
+def _since_mysql(element: _Since, compiler: SQLCompiler, **kw: Any) -> str:
+    stamp, seconds, type_ = _since_parts(element, compiler, **kw)
+    # TIMESTAMP columns read in the session's time zone, as NOW() is; DATETIME holds UTC.
+    now = "NOW(6)" if isinstance(type_, mysql.TIMESTAMP) else "UTC_TIMESTAMP(6)"
+    return f"({stamp} >= {now} - INTERVAL {seconds} SECOND)"
+
+
+# --- the SQL a run stores -----------------------------------------------------------------------
+
+
+def compiled_sql(query: Select[Any], dialect: Dialect) -> tuple[str, dict[str, Any]]:
+    """The query as SQL text with ``:name`` placeholders in the source's dialect, and its
+    values (plain JSON-able values): what a run stores, and executes as
+    ``text(sql).bindparams(**params)``. IN lists are expanded, one placeholder a value."""
+    named: Dialect = type(dialect)(paramstyle="named")  # type: ignore[call-arg]
+    # No ``::type`` casts after placeholders (psycopg's dialect adds some): text() would not
+    # read ``:name::FLOAT`` as a parameter.
+    named.bind_typing = BindTyping.NONE
+    compiled = query.compile(dialect=named, compile_kwargs={"render_postcompile": True})
+    return str(compiled), dict(compiled.params)
+
+
+def display_sql(query: Select[Any], dialect: Dialect) -> str:
+    """The query as ``audience show --sql`` prints it: the SQL, then its values."""
+    sql, params = compiled_sql(query, dialect)
+    if not params:
+        return sql
+    values = "\n".join(
+        f"--   :{key} = {json.dumps(value, ensure_ascii=False)}" for key, value in params.items()
+    )
+    return f"{sql}\n-- values:\n{values}"
