@@ -33,6 +33,7 @@ from syncer.models import (
 from syncer.settings import (
     DEFAULT_SOURCE,
     MAX_EVERY_SECONDS,
+    MAX_MIN_REMOVED,
     MIN_EVERY_SECONDS,
     Settings,
     format_duration,
@@ -246,20 +247,57 @@ def update_definition(
     *,
     sql: str | None = None,
     schedule: Schedule | None = None,
+    guard: GuardOverrides | None = None,
 ) -> AudienceView:
-    """Change the SQL and/or the schedule. The key never changes."""
+    """Change the SQL, the schedule and/or the guard's thresholds. The key never changes."""
     current = get(state, key)
+    if current.managed:
+        raise AudienceError(
+            f"audience {key!r} is managed by an audiences.yml file (syncer apply): change it "
+            "there and apply it again"
+        )
     values: dict[str, object] = {}
     if sql is not None:
         values["definition_sql"] = _check_sql(settings, current.source, sql)
+        values["definition_params"] = None
+        values["definition_rules"] = None
     if schedule is not None:
         values["every_seconds"] = schedule.every_seconds
         values["cron"] = schedule.cron
+    if guard is not None:
+        if guard.max_removed_percent is not None:
+            values["guard_max_removed_percent"] = guard.max_removed_percent
+        if guard.min_removed is not None:
+            values["guard_min_removed"] = guard.min_removed
     if not values:
-        raise AudienceError("nothing to update; give --sql, --every or --cron")
+        raise AudienceError(
+            "nothing to update; give --sql, --every, --cron, --max-removed-percent or --min-removed"
+        )
     values["updated_at"] = datetime.now(UTC)
     _set(state, key, values)
     return get(state, key)
+
+
+def approve(state: Engine, key: str) -> AudienceView:
+    """Let the audience's next run through the removal guard, once (a real mass removal)."""
+    get(state, key)
+    _set(state, key, {"removal_approved_at": datetime.now(UTC)})
+    return get(state, key)
+
+
+def validate_guard(max_removed_percent: int | None, min_removed: int | None) -> GuardOverrides:
+    """An audience's guard overrides, checked as [guard] is."""
+    if max_removed_percent is not None and not 0 <= max_removed_percent <= 100:
+        raise AudienceError(
+            f"the removal guard's max_removed_percent must be from 0 to 100, got "
+            f"{max_removed_percent}"
+        )
+    if min_removed is not None and not 0 <= min_removed <= MAX_MIN_REMOVED:
+        raise AudienceError(
+            f"the removal guard's min_removed must be from 0 to {MAX_MIN_REMOVED}, got "
+            f"{min_removed}"
+        )
+    return GuardOverrides(max_removed_percent=max_removed_percent, min_removed=min_removed)
 
 
 def set_status(state: Engine, key: str, status: str) -> AudienceView:
@@ -292,3 +330,15 @@ def _set(state: Engine, key: str, values: dict[str, object]) -> None:
             .where(Audience.key == key, Audience.status != AUDIENCE_DELETED)
             .values(values)
         )
+
+
+def shown_sql(view: AudienceView) -> str:
+    """The SQL an audience runs, for ``audience show --sql``: SQL compiled from rules keeps its
+    placeholders, and the values bound to them follow as comments."""
+    if not view.params:
+        return view.sql
+    values = "\n".join(
+        f"--   :{name} = {json.dumps(value, ensure_ascii=False)}"
+        for name, value in sorted(view.params.items())
+    )
+    return f"{view.sql}\n-- bound values:\n{values}"

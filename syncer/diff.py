@@ -58,6 +58,7 @@ from syncer.models import (
     MEMBERSHIPS,
     MYSQL,
     USER_ID_LENGTH,
+    Audience,
     AudienceDestination,
     SyncRun,
     exact_string,
@@ -523,11 +524,14 @@ def commit_snapshot(
     destination_ids: list[int],
     staged: Staged,
     diff: Diff,
+    approval: datetime | None = None,
 ) -> Diff:
     """One transaction: the new snapshot, the run's changes, and the outbox.
 
     Destinations that already hold the audience get the changes; destinations that never got
     it (a new audience, or a URL added to settings) get its full current membership.
+    ``approval``: the audience's removal approval this run saw, used up by this commit (an
+    approval given after it was read stays for the next run).
     """
     now = datetime.now(UTC)
     dialect = conn.dialect.name
@@ -535,6 +539,12 @@ def commit_snapshot(
     conn.execution_options(**opts)
     with conn.begin():
         diff = _recheck_deletions(conn, diff)
+        if approval is not None:
+            conn.execute(
+                update(Audience)
+                .where(Audience.id == audience_id, Audience.removal_approved_at == approval)
+                .values(removal_approved_at=None)
+            )
         known = set(
             conn.execute(
                 select(AudienceDestination.destination_id).where(
@@ -621,6 +631,14 @@ def commit_snapshot(
         )
     conn.execution_options(sqlite_begin="")
     return diff
+
+
+def pending_approval(conn: Connection, audience_id: int) -> datetime | None:
+    """When ``audience approve`` let the audience's next run through the guard, if it did."""
+    approved: datetime | None = conn.execute(
+        select(Audience.removal_approved_at).where(Audience.id == audience_id)
+    ).scalar()
+    return approved
 
 
 def _forget_destinations(conn: Connection, audience_id: int, dropped: list[int]) -> None:

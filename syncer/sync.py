@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from syncer import audiences, diff, leases, logs, loops
+from syncer import audiences, diff, guard, leases, logs, loops
 from syncer.audiences import AudienceView
 from syncer.db import write_transaction
 from syncer.delivery import (
@@ -39,6 +39,7 @@ from syncer.models import (
     AUDIENCE_ACTIVE,
     AUDIENCE_DELETED,
     RUN_FAILED,
+    RUN_HELD,
     RUN_INCREMENTAL,
     RUN_INITIAL,
     RUN_INTERRUPTED,
@@ -184,9 +185,12 @@ def _run_leased(
     started = time.monotonic()
     run_id, kind = start_run(state, audience.id)
     try:
-        staged, changes = evaluate_and_commit(
-            state, settings, audience, run_id, targets, retiring=retiring
-        )
+        try:
+            staged, changes = evaluate_and_commit(
+                state, settings, audience, run_id, targets, retiring=retiring
+            )
+        except RunHeld as held:
+            return _hold_run(state, audience, run_id, kind, held, started)
         totals = loops.run(
             deliver_audience(
                 state,
@@ -240,6 +244,16 @@ def _run_leased(
     )
 
 
+class RunHeld(SyncerError):
+    """The removal guard held the run: nothing was committed. Carries what it would have
+    committed, for history."""
+
+    def __init__(self, message: str, *, staged: diff.Staged, changes: diff.Diff) -> None:
+        super().__init__(message)
+        self.staged = staged
+        self.changes = changes
+
+
 def evaluate_and_commit(
     state: Engine,
     settings: Settings,
@@ -251,8 +265,12 @@ def evaluate_and_commit(
 ) -> tuple[diff.Staged, diff.Diff]:
     """Steps 2 to 4 on one state connection (the staged ids live in its temporary tables).
 
+    Between the diff and the commit, the removal guard: a run that would remove too many
+    members raises RunHeld, having committed nothing, unless the audience was approved
+    (``audience approve``), which this commit then uses up.
+
     ``retiring``: the audience is being deleted with --unset; its last snapshot is empty, so
-    every current member gets ``false``.
+    every current member gets ``false`` (the guard does not apply: it is what was asked).
     """
     source = None if retiring else open_source(settings, audience.source)
     try:
@@ -260,6 +278,7 @@ def evaluate_and_commit(
             try:
                 staged = diff.stage(conn, source, audience.sql, audience.params)
                 changes = diff.compute(conn, audience.id)
+                approval = None if retiring else _guard(conn, settings, audience, staged, changes)
                 changes = diff.commit_snapshot(
                     conn,
                     audience_id=audience.id,
@@ -267,6 +286,7 @@ def evaluate_and_commit(
                     destination_ids=[t.id for t in targets],
                     staged=staged,
                     diff=changes,
+                    approval=approval,
                 )
             except BaseException:
                 _discard(conn)
@@ -276,6 +296,73 @@ def evaluate_and_commit(
         if source is not None:
             source.engine.dispose()
     return staged, changes
+
+
+def _guard(
+    conn: Connection,
+    settings: Settings,
+    audience: AudienceView,
+    staged: diff.Staged,
+    changes: diff.Diff,
+) -> datetime | None:
+    """Raise RunHeld when the guard holds this run. Returns the audience's approval (read now,
+    not when the run started: an approval given meanwhile counts), which the commit uses up
+    whether or not this run needed it: ``approve`` lets the next run through, once."""
+    with conn.begin():
+        approval = diff.pending_approval(conn, audience.id)
+    limits = guard.thresholds(
+        settings.guard,
+        max_removed_percent=audience.guard.max_removed_percent,
+        min_removed=audience.guard.min_removed,
+    )
+    before = guard.members_before(
+        members_after=staged.members - changes.suppressed,
+        added=changes.added,
+        removed=changes.removed,
+    )
+    if approval is None and limits.holds(members_before=before, removed=changes.removed):
+        reason = limits.describe(members_before=before, removed=changes.removed)
+        raise RunHeld(
+            f"{reason}; nothing was committed or sent. If the source is right, let it "
+            f"through once: syncer audience approve {audience.key}",
+            staged=staged,
+            changes=changes,
+        )
+    return approval
+
+
+def _hold_run(
+    state: Engine, audience: AudienceView, run_id: int, kind: str, held: RunHeld, started: float
+) -> RunResult:
+    """Record a held run with the counts it would have had; nothing else changes."""
+    staged, changes = held.staged, held.changes
+    members = staged.members - changes.suppressed
+    with write_transaction(state) as conn:
+        conn.execute(
+            update(SyncRun)
+            .where(SyncRun.id == run_id, SyncRun.status == RUN_RUNNING)
+            .values(
+                status=RUN_HELD,
+                finished_at=datetime.now(UTC),
+                error=str(held),
+                members=members,
+                added=changes.added,
+                removed=changes.removed,
+                skipped_ids=staged.skipped + changes.suppressed,
+            )
+        )
+    return RunResult(
+        run_id=run_id,
+        audience_key=audience.key,
+        kind=kind,
+        status=RUN_HELD,
+        members=members,
+        added=changes.added,
+        removed=changes.removed,
+        skipped=staged.skipped + changes.suppressed,
+        seconds=time.monotonic() - started,
+        error=str(held),
+    )
 
 
 def _discard(conn: Connection) -> None:
