@@ -54,6 +54,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Dialect,
+    Float,
     FromClause,
     Integer,
     Numeric,
@@ -405,15 +406,15 @@ def _check_bounds(value: Any) -> None:
     while stack:
         node, depth = stack.pop()
         count += 1
-        if depth > MAX_DEPTH:
-            raise PydanticCustomError(
-                "rule_depth", f"conditions are nested more than {MAX_DEPTH} deep"
-            )
-        if not isinstance(node, dict):
-            continue
         if count > MAX_CONDITIONS:
             raise PydanticCustomError(
                 "rule_size", f"a rule holds more than {MAX_CONDITIONS} conditions"
+            )
+        if not isinstance(node, dict):
+            continue
+        if depth > MAX_DEPTH:
+            raise PydanticCustomError(
+                "rule_depth", f"conditions are nested more than {MAX_DEPTH} deep"
             )
         for key in ("all", "any", "not", "where"):
             children = node.get(key)
@@ -585,7 +586,9 @@ def _duckdb_type(name: str) -> TypeEngine[Any]:
         return Boolean()
     if name.removeprefix("U") in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT"):
         return Integer()
-    if name.startswith(("DOUBLE", "FLOAT", "REAL", "DECIMAL", "NUMERIC")):
+    if name.startswith(("DOUBLE", "FLOAT", "REAL")):
+        return Float()
+    if name.startswith(("DECIMAL", "NUMERIC")):
         return Numeric()
     if name.startswith("TIMESTAMP"):
         return DateTime(timezone=name in ("TIMESTAMP WITH TIME ZONE", "TIMESTAMPTZ"))
@@ -671,9 +674,9 @@ class _Compiler:
             self.condition(child, model, rows, (*path, kind, index))
             for index, child in enumerate((node.all_ if kind == "all" else node.any_) or [])
         ]
-        if kind == "all":
-            return and_(true(), *children) if not children else and_(*children)
-        return or_(false(), *children) if not children else or_(*children)
+        if not children:
+            return true() if kind == "all" else false()
+        return and_(*children) if kind == "all" else or_(*children)
 
     def attribute(
         self,
@@ -684,14 +687,14 @@ class _Compiler:
     ) -> ColumnElement[bool]:
         name = model.column(node.attribute, (*path, "attribute"))
         col: ColumnElement[Any] = rows.c[name]
-        operator, value = node.operator, node.value
-        where = (*path, operator)
-        if operator == "is_null":
+        op, value = node.operator, node.value
+        where = (*path, op)
+        if op == "is_null":
             return col.is_(None)
-        if operator == "is_not_null":
+        if op == "is_not_null":
             return col.is_not(None)
         kind = _kind(col.type)
-        if operator == "contains":
+        if op == "contains":
             if kind not in ("text", None):
                 raise RuleError(where, f"contains needs a text column; {name!r} is a {kind} column")
             return and_(col.is_not(None), col.icontains(value, autoescape=True))
@@ -699,12 +702,12 @@ class _Compiler:
         for index, item in enumerate(values):
             _check_value(item, kind, name, (*where, index) if isinstance(value, list) else where)
         bound = [_bind(item, col.type, kind, name) for item in values]
-        if operator == "in":
+        if op == "in":
             return and_(col.is_not(None), col.in_(bound))
-        if operator == "not_in":
+        if op == "not_in":
             return or_(col.is_(None), col.not_in(bound))
-        compare = _COMPARE[operator]
-        if operator == "ne":
+        compare = _COMPARE[op]
+        if op == "ne":
             return or_(col.is_(None), compare(col, bound[0]))
         return and_(col.is_not(None), compare(col, bound[0]))
 
@@ -753,19 +756,19 @@ class _Compiler:
                 )
             else:
                 conditions.append(self.condition(node.where, model, rows, (*path, "where")))
-        operator, count = node.count_operator, node.count
-        if operator == "at_least" and count == 0:
+        op, count = node.count_operator, node.count
+        if op == "at_least" and count == 0:
             return true()
         matching: Select[Any] = select(literal_column("1")).select_from(rows).where(*conditions)
-        if operator == "at_least" and count == 1:
+        if op == "at_least" and count == 1:
             return matching.exists()
         if count == 0:  # exactly 0, at_most 0
             return ~matching.exists()
         counted = select(func.count()).select_from(rows).where(*conditions).scalar_subquery()
-        bound = bindparam(operator, count, type_=Integer(), unique=True)
-        if operator == "at_least":
+        bound = bindparam(op, count, type_=Integer(), unique=True)
+        if op == "at_least":
             return counted >= bound
-        if operator == "at_most":
+        if op == "at_most":
             return counted <= bound
         return counted == bound
 
@@ -779,8 +782,6 @@ _COMPARE: dict[str, Callable[[ColumnElement[Any], ColumnElement[Any]], ColumnEle
     "ge": operator.ge,
 }
 
-_SHOWN_KIND = {"text": "text", "number": "number", "boolean": "true/false", "date": "date"}
-
 
 def _kind(type_: TypeEngine[Any]) -> str | None:
     """What values a column holds, as far as its reported type tells (None: unknown)."""
@@ -788,7 +789,7 @@ def _kind(type_: TypeEngine[Any]) -> str | None:
         return "boolean"
     if isinstance(type_, mysql.TINYINT) and type_.display_width == 1:
         return None  # MySQL's BOOLEAN: true/false or a number
-    if isinstance(type_, Integer | Numeric):
+    if isinstance(type_, Integer | Numeric | Float):  # Float is not a Numeric in SQLAlchemy 2.1
         return "number"
     if isinstance(type_, String):
         return "text"
