@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from syncer import audiences, leases, logs, loops, privacy
+from syncer import alerts, audiences, leases, logs, loops, privacy
 from syncer.delivery import (
     Audience,
     Target,
@@ -142,3 +142,10 @@ def _retry_audience(ctx: ServiceContext, audience: Audience, targets: list[Targe
             totals.failed,
             totals.retry_later,
         )
+
+
+def check_alerts() -> None:
+    """Alert on workflow URLs failing for good or owed too long (never raises)."""
+    ctx = _bound()
+    if not ctx.stopping.is_set():
+        alerts.check_deliveries(ctx.state, ctx.settings)

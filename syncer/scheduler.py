@@ -10,6 +10,8 @@
   a new audience gets its initial sync at once.
 - No overlap: each run takes its audience's lease in the database; the scheduler only asks.
 - Owed deliveries are retried in the background, between the audiences' own runs.
+- With ``[alerts] webhook_urls``, the leader checks every minute for deliveries failing for good
+  or owed too long (``syncer.alerts``).
 - One audience never stops the others: an audience whose schedule cannot be scheduled (a
   stored value out of any clock's range, a cron that does not parse) is reported once and
   skipped until its row changes; a job's failure is that job's (its run is ``failed``).
@@ -52,6 +54,8 @@ STANDBY_POLL_SECONDS = 2.0
 RETRY_OWED_SECONDS = 15
 RUN_WORKERS = 4
 RETRY_JOB_ID = "retry-owed-deliveries"
+ALERTS_CHECK_SECONDS = 60
+ALERTS_JOB_ID = "check-delivery-alerts"
 # A leader that cannot read the audiences this long (seconds) is not scheduling: it steps down.
 LEADER_FAILING_SECONDS = 30.0
 # After stepping down, this long (seconds) to stand by before trying to lead again: a standby
@@ -198,6 +202,7 @@ class Service:
                     return False
                 try:
                     self._ensure_retry_job(scheduler)
+                    self._ensure_alerts_job(scheduler)
                     self._reconcile(scheduler, plans, unschedulable)
                 except Exception as exc:
                     if failing is None:
@@ -231,6 +236,18 @@ class Service:
                 id=RETRY_JOB_ID,
                 name="retry owed deliveries",
                 replace_existing=True,
+            )
+
+    def _ensure_alerts_job(self, scheduler: BackgroundScheduler) -> None:
+        """With [alerts] webhook_urls: the leader looks for failing and owed deliveries."""
+        if self.settings.alerts.webhook_urls and scheduler.get_job(ALERTS_JOB_ID) is None:
+            scheduler.add_job(
+                "syncer.jobs:check_alerts",
+                IntervalTrigger(seconds=ALERTS_CHECK_SECONDS, timezone=self.timezone),
+                id=ALERTS_JOB_ID,
+                name="alert on failing and owed deliveries",
+                replace_existing=True,
+                next_run_time=datetime.now(self.timezone),  # a new leader looks at once
             )
 
     def _count_jobs(self, event: JobEvent) -> None:

@@ -1,0 +1,591 @@
+"""Alerts: one JSON POST to each ``[alerts] webhook_urls`` per problem, not repeated while open.
+
+A *problem* is something an operator should hear about once, not once a minute:
+
+- ``run:<audience id>``: the audience's latest run failed, was partial or was held by the
+  removal guard (``run_failed`` / ``run_partial`` / ``run_held``). Closed by a run that
+  succeeds.
+- ``url:<destination id>``: deliveries to a workflow URL failed for good (``url_failed``).
+  Open while some did within the last ``repeat_after``; closed when none has for that long.
+- ``owed:<destination id>``: deliveries to a workflow URL owed longer than
+  ``owed_longer_than`` (``deliveries_owed``). Closed when nothing is owed that long.
+
+Each problem is a row of ``alert_problems``. An open problem is posted when it opens, when its
+event changes (a failed audience now held), and again once ``repeat_after`` has passed since
+its last post; a problem that was posted is posted once more, as ``resolved``, when it closes.
+The row is claimed in the database before posting (``last_sent_at``), so two processes never
+post the same thing; a post no webhook accepted gives the claim back, for the next check.
+
+Posting never blocks a run for long and never raises: each POST is bounded by
+``[alerts] timeout_seconds`` (syncer's own transport: the whole call, answer included, its body
+capped), is tried at most ``POST_ATTEMPTS`` times with jittered backoff (timeouts, connection
+errors, 429 and 5xx), and redirects are not followed. What fails is logged as one warning and
+kept in ``last_error``, naming the webhook's host only: webhook URLs are secrets, as workflow
+URLs are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from syncer import __version__, logs, loops
+from syncer.db import first_line, write_transaction
+from syncer.models import (
+    ALERT_DELIVERIES_OWED,
+    ALERT_PROBLEMS,
+    ALERT_RUN_FAILED,
+    ALERT_RUN_HELD,
+    ALERT_RUN_PARTIAL,
+    ALERT_URL_FAILED,
+    DELIVERIES,
+    DELIVERY_FAILED,
+    DELIVERY_PENDING,
+    RUN_FAILED,
+    RUN_HELD,
+    RUN_PARTIAL,
+    RUN_SUCCEEDED,
+    Destination,
+)
+from syncer.settings import AlertSettings, Settings, format_duration, url_host
+from syncer.transport import Http1Transport
+from syncer.tray import parse_retry_after
+
+if TYPE_CHECKING:
+    from syncer.sync import RunResult
+
+logger = logging.getLogger(__name__)
+
+ALERT_RESOLVED = "resolved"  # posted once when a problem that was posted closes
+RUN_EVENTS = {
+    RUN_FAILED: ALERT_RUN_FAILED,
+    RUN_PARTIAL: ALERT_RUN_PARTIAL,
+    RUN_HELD: ALERT_RUN_HELD,
+}
+POST_ATTEMPTS = 3  # per webhook and alert: the first try and two retries
+BACKOFF_BASE_SECONDS = 0.5  # before the second try; doubled before the third; jittered
+MAX_BACKOFF_SECONDS = 5.0  # Retry-After is honoured up to this
+MAX_ERROR_CHARS = 300  # of a run's error in a payload, and of a post's error in last_error
+_USER_AGENT = f"syncer/{__version__}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostOutcome:
+    """What one webhook made of one alert: accepted, or why not (its host, never its URL)."""
+
+    host: str
+    accepted: bool
+    error: str | None = None
+
+
+# -- what the lead calls ----------------------------------------------------------------------
+
+
+def after_run(
+    state: Engine,
+    settings: Settings,
+    *,
+    audience_id: int,
+    audience_key: str,
+    result: RunResult,
+) -> None:
+    """Alert on a run that failed, was partial or was held; resolve the audience's problem when
+    a run succeeds. Other statuses (interrupted, skipped) change nothing. Never raises."""
+    alerts = settings.alerts
+    if not alerts.webhook_urls:
+        return
+    problem = f"run:{audience_id}"
+    try:
+        error = _cut(_scrubbed(result.error, settings))
+        base = {
+            "audience_key": audience_key,
+            "audience_id": audience_id,
+            "run_id": result.run_id,
+            "status": result.status,
+            "members": result.members,
+            "added": result.added,
+            "removed": result.removed,
+            "sent": result.sent,
+            "failed": result.failed,
+            "error": error,
+        }
+        event = RUN_EVENTS.get(result.status)
+        if event is not None:
+            _raise_problem(
+                state,
+                alerts,
+                problem=problem,
+                event=event,
+                fields=base,
+                text=_run_text(event, audience_key, result, error),
+            )
+        elif result.status == RUN_SUCCEEDED:
+            _resolve_problem(
+                state,
+                alerts,
+                problem=problem,
+                fields=base,
+                text=(
+                    f"Resolved: audience {audience_key} runs again (run {result.run_id} "
+                    f"succeeded: {result.members} members, +{result.added} -{result.removed}, "
+                    f"sent {result.sent})."
+                ),
+            )
+    except Exception as exc:
+        logger.warning("alerts: audience %s: %s", audience_key, _describe(exc))
+        logs.trace(logger, exc)
+
+
+def check_deliveries(state: Engine, settings: Settings) -> None:
+    """Alert on workflow URLs whose deliveries failed for good lately, or are owed longer
+    than ``owed_longer_than``; resolve those problems that cleared. Never raises."""
+    alerts = settings.alerts
+    if not alerts.webhook_urls:
+        return
+    try:
+        now = datetime.now(UTC)
+        failed_since = now - timedelta(seconds=alerts.repeat_after_seconds)
+        owed_before = now - timedelta(seconds=alerts.owed_longer_than_seconds)
+        with state.connect() as conn:
+            hosts = {
+                row.id: row.host for row in conn.execute(select(Destination.id, Destination.host))
+            }
+            failed = _failed_lately(conn, failed_since)
+            owed = _owed_long(conn, owed_before)
+    except Exception as exc:
+        logger.warning("alerts: could not read the deliveries: %s", _describe(exc))
+        logs.trace(logger, exc)
+        return
+    for destination_id, host in sorted(hosts.items()):
+        try:
+            _check_url(state, alerts, destination_id, host, failed.get(destination_id))
+            _check_owed(state, alerts, destination_id, host, owed.get(destination_id))
+        except Exception as exc:
+            logger.warning("alerts: deliveries to %s: %s", host, _describe(exc))
+            logs.trace(logger, exc)
+
+
+# -- the deliveries' problems -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Failed:
+    count: int
+    newest: datetime
+    error: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Owed:
+    count: int
+    oldest: datetime
+
+
+def _failed_lately(conn: Connection, since: datetime) -> dict[int, _Failed]:
+    """Per destination: deliveries that failed for good since ``since`` (when they were last
+    tried; one given up for its age without a try counts from when it was owed)."""
+    d = DELIVERIES.c
+    at = func.coalesce(d.last_attempt_at, d.owed_since)
+    rows = conn.execute(
+        select(d.destination_id, func.count(), func.max(at), func.max(d.id))
+        .where(d.status == DELIVERY_FAILED, at > since)
+        .group_by(d.destination_id)
+    ).all()
+    found: dict[int, _Failed] = {}
+    for destination_id, count, newest, newest_id in rows:
+        error = conn.execute(select(d.last_error).where(d.id == newest_id)).scalar()
+        found[destination_id] = _Failed(count=count, newest=_aware(newest), error=error)
+    return found
+
+
+def _owed_long(conn: Connection, before: datetime) -> dict[int, _Owed]:
+    """Per destination: deliveries pending since before ``before``, and the oldest's time."""
+    d = DELIVERIES.c
+    rows = conn.execute(
+        select(d.destination_id, func.count(), func.min(d.owed_since))
+        .where(d.status == DELIVERY_PENDING, d.owed_since < before)
+        .group_by(d.destination_id)
+    ).all()
+    return {
+        destination_id: _Owed(count=count, oldest=_aware(oldest))
+        for destination_id, count, oldest in rows
+    }
+
+
+def _check_url(
+    state: Engine, alerts: AlertSettings, destination_id: int, host: str, failed: _Failed | None
+) -> None:
+    problem = f"url:{destination_id}"
+    window = format_duration(alerts.repeat_after_seconds)
+    fields: dict[str, Any] = {"url_host": host}
+    if failed is None:
+        _resolve_problem(
+            state,
+            alerts,
+            problem=problem,
+            fields=fields,
+            text=f"Resolved: no delivery to {host} has failed for good in the last {window}.",
+        )
+        return
+    error = _cut(failed.error)
+    fields |= {"failed": failed.count, "error": error, "newest_failed_at": _iso(failed.newest)}
+    _raise_problem(
+        state,
+        alerts,
+        problem=problem,
+        event=ALERT_URL_FAILED,
+        fields=fields,
+        text=(
+            f"Deliveries to {host} failed for good: {failed.count} in the last {window}"
+            + (f" (last error: {error})" if error else "")
+            + ". Check that workflow URL in [tray] workflow_urls; see "
+            "`syncer deliveries --status failed`, then `syncer retry` to send them again."
+        ),
+    )
+
+
+def _check_owed(
+    state: Engine, alerts: AlertSettings, destination_id: int, host: str, owed: _Owed | None
+) -> None:
+    problem = f"owed:{destination_id}"
+    threshold = format_duration(alerts.owed_longer_than_seconds)
+    fields: dict[str, Any] = {"url_host": host}
+    if owed is None:
+        _resolve_problem(
+            state,
+            alerts,
+            problem=problem,
+            fields=fields,
+            text=f"Resolved: nothing is owed to {host} for longer than {threshold}.",
+        )
+        return
+    fields |= {"owed": owed.count, "owed_since": _iso(owed.oldest)}
+    _raise_problem(
+        state,
+        alerts,
+        problem=problem,
+        event=ALERT_DELIVERIES_OWED,
+        fields=fields,
+        text=(
+            f"{owed.count} deliveries to {host} have been owed for longer than {threshold} "
+            f"(the oldest since {_iso(owed.oldest)}). Is the workflow URL up? See "
+            "`syncer deliveries --status pending`; they are retried until [tray] max_age."
+        ),
+    )
+
+
+def _run_text(event: str, key: str, result: RunResult, error: str | None) -> str:
+    counts = f"{result.members} members, +{result.added} -{result.removed}"
+    if event == ALERT_RUN_HELD:
+        return (
+            f"Audience {key}: run {result.run_id} held by the removal guard: it would remove "
+            f"{result.removed} and add {result.added} (members {result.members}); nothing was "
+            "sent. If the source is broken, fix it and the next run un-holds by itself; if "
+            f"the removal is real: `syncer audience approve {key}`."
+        )
+    if event == ALERT_RUN_PARTIAL:
+        return (
+            f"Audience {key}: run {result.run_id} partly delivered ({counts}; sent "
+            f"{result.sent}, failed {result.failed})"
+            + (f": {error}" if error else "")
+            + f". What failed is retried; see `syncer deliveries {key} --status failed`."
+        )
+    return (
+        f"Audience {key}: run {result.run_id} failed"
+        + (f": {error}" if error else "")
+        + f". See `syncer history {key}`; the next run tries again."
+    )
+
+
+# -- problems in the database -----------------------------------------------------------------
+
+
+def _raise_problem(
+    state: Engine,
+    alerts: AlertSettings,
+    *,
+    problem: str,
+    event: str,
+    fields: Mapping[str, Any],
+    text: str,
+) -> None:
+    """The problem is there: open it (or keep it open), and post it if it is due."""
+    now = datetime.now(UTC)
+    repeat_cutoff = now - timedelta(seconds=alerts.repeat_after_seconds)
+    p = ALERT_PROBLEMS.c
+    try:
+        with write_transaction(state) as conn:
+            row = conn.execute(
+                select(p.event, p.opened_at, p.last_sent_at, p.resolved_at)
+                .where(p.problem == problem)
+                .with_for_update()
+            ).first()
+            if row is None:
+                conn.execute(
+                    insert(ALERT_PROBLEMS).values(
+                        problem=problem,
+                        event=event,
+                        opened_at=now,
+                        last_sent_at=now,
+                        sent_count=0,
+                    )
+                )
+                opened_at, previous = now, None
+            elif row.resolved_at is not None:
+                conn.execute(
+                    update(ALERT_PROBLEMS)
+                    .where(p.problem == problem)
+                    .values(
+                        event=event,
+                        opened_at=now,
+                        last_sent_at=now,
+                        sent_count=0,
+                        resolved_at=None,
+                        last_error=None,
+                    )
+                )
+                opened_at, previous = now, None
+            else:
+                opened_at, previous = row.opened_at, row.last_sent_at
+                due = row.event != event or previous is None or previous <= repeat_cutoff
+                conn.execute(
+                    update(ALERT_PROBLEMS)
+                    .where(p.problem == problem)
+                    .values(event=event, **({"last_sent_at": now} if due else {}))
+                )
+                if not due:
+                    return
+    except IntegrityError:
+        return  # another process opened it at the same moment, and posts it
+    payload = _payload(event, problem=problem, opened_at=opened_at, at=now, text=text, **fields)
+    outcomes = _post(alerts, payload)
+    accepted = any(o.accepted for o in outcomes)
+    with write_transaction(state) as conn:
+        values: dict[str, Any] = {"last_error": _errors(outcomes)}
+        if accepted:
+            values["sent_count"] = p.sent_count + 1
+        else:
+            values["last_sent_at"] = previous  # not posted: the next check tries again
+        conn.execute(
+            update(ALERT_PROBLEMS)
+            .where(p.problem == problem, p.last_sent_at == now)  # still this post's claim
+            .values(**values)
+        )
+
+
+def _resolve_problem(
+    state: Engine,
+    alerts: AlertSettings,
+    *,
+    problem: str,
+    fields: Mapping[str, Any],
+    text: str,
+) -> None:
+    """The problem is gone: close it if open, and say so if it was ever posted."""
+    now = datetime.now(UTC)
+    p = ALERT_PROBLEMS.c
+    with write_transaction(state) as conn:
+        row = conn.execute(
+            select(p.event, p.opened_at, p.sent_count)
+            .where(p.problem == problem, p.resolved_at.is_(None))
+            .with_for_update()
+        ).first()
+        if row is None:
+            return
+        conn.execute(update(ALERT_PROBLEMS).where(p.problem == problem).values(resolved_at=now))
+    if not row.sent_count:
+        return  # nobody heard of it
+    payload = _payload(
+        ALERT_RESOLVED,
+        problem=problem,
+        resolves=row.event,
+        opened_at=row.opened_at,
+        at=now,
+        text=text,
+        **fields,
+    )
+    outcomes = _post(alerts, payload)
+    if not all(o.accepted for o in outcomes):
+        with write_transaction(state) as conn:
+            conn.execute(
+                update(ALERT_PROBLEMS)
+                .where(p.problem == problem)
+                .values(last_error=_errors(outcomes))
+            )
+
+
+# -- the payload ------------------------------------------------------------------------------
+
+PAYLOAD_FIELDS = (
+    "event",
+    "audience_key",
+    "audience_id",
+    "run_id",
+    "status",
+    "members",
+    "added",
+    "removed",
+    "sent",
+    "failed",
+    "url_host",
+    "error",
+    "problem",
+    "opened_at",
+    "at",
+)
+
+
+def _payload(event: str, *, text: str, opened_at: datetime, at: datetime, **fields: Any) -> bytes:
+    """A Slack-compatible ``text`` and the structured fields (every one of PAYLOAD_FIELDS,
+    null where it does not apply; more where an event has them)."""
+    body: dict[str, Any] = dict.fromkeys(PAYLOAD_FIELDS)
+    body |= fields
+    body |= {
+        "text": f"syncer: {text}",
+        "event": event,
+        "opened_at": _iso(opened_at),
+        "at": _iso(at),
+    }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _cut(text: str | None) -> str | None:
+    if text is None:
+        return None
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _scrubbed(text: str | None, settings: Settings) -> str | None:
+    """``text`` with any configured workflow or webhook URL shown as its host (a run's error
+    should hold none; this makes sure)."""
+    if text is None:
+        return None
+    for url in (*settings.tray.workflow_urls, *settings.alerts.webhook_urls):
+        text = text.replace(url, url_host(url))
+    return text
+
+
+def _errors(outcomes: Sequence[PostOutcome]) -> str | None:
+    failed = [f"{o.host}: {o.error}" for o in outcomes if not o.accepted]
+    return _cut("; ".join(failed)) if failed else None
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(first_line(exc).split()) or type(exc).__name__
+    return text[:MAX_ERROR_CHARS]
+
+
+# -- posting ----------------------------------------------------------------------------------
+
+
+def _post(alerts: AlertSettings, body: bytes) -> list[PostOutcome]:
+    """POST ``body`` to every webhook at once; what each made of it. Bounded in time (see
+    ``_post_all``); never raises. In a thread of its own if this one runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        outcomes = loops.run(_post_all(alerts, body))
+    else:
+        found: list[list[PostOutcome]] = []
+        thread = threading.Thread(
+            target=lambda: found.append(loops.run(_post_all(alerts, body))),
+            name="syncer-alerts",
+            daemon=True,
+        )
+        thread.start()
+        thread.join(_bound_seconds(alerts) + 1.0)
+        outcomes = (
+            found[0]
+            if found
+            else [
+                PostOutcome(host=url_host(url), accepted=False, error="no answer in time")
+                for url in alerts.webhook_urls
+            ]
+        )
+    for outcome in outcomes:
+        if not outcome.accepted:
+            logger.warning("alerts: %s did not take an alert: %s", outcome.host, outcome.error)
+    return outcomes
+
+
+def _bound_seconds(alerts: AlertSettings) -> float:
+    """The most posting one alert may take: every try to its deadline, and the waits."""
+    waits = sum(
+        min(BACKOFF_BASE_SECONDS * 2.0**n * 1.5, MAX_BACKOFF_SECONDS)
+        for n in range(POST_ATTEMPTS - 1)
+    )
+    return POST_ATTEMPTS * alerts.timeout_seconds + waits
+
+
+async def _post_all(alerts: AlertSettings, body: bytes) -> list[PostOutcome]:
+    transport = Http1Transport(max_connections=max(1, len(alerts.webhook_urls)))
+    try:
+        return list(
+            await asyncio.gather(
+                *(_post_one(transport, alerts, url, body) for url in alerts.webhook_urls)
+            )
+        )
+    finally:
+        await transport.aclose()
+
+
+async def _post_one(
+    transport: Http1Transport, alerts: AlertSettings, url: str, body: bytes
+) -> PostOutcome:
+    host = url_host(url)
+    timeout = alerts.timeout_seconds
+    error = "not tried"
+    for attempt in range(POST_ATTEMPTS):
+        request = httpx.Request(
+            "POST",
+            url,
+            headers={"Content-Type": "application/json", "User-Agent": _USER_AGENT},
+            content=body,
+            extensions={"timeout": {**httpx.Timeout(timeout).as_dict(), "total": timeout}},
+        )
+        retry_after: float | None = None
+        try:
+            async with asyncio.timeout(timeout + 1.0):  # the transport keeps ``total`` itself
+                response = await transport.handle_async_request(request)
+        except (TimeoutError, httpx.TimeoutException):
+            error = f"timeout: no complete answer within {timeout:g} s"
+        except httpx.TransportError as exc:
+            error = f"connection error: {_describe(exc)}"
+        else:
+            status = response.status_code
+            if 200 <= status < 300:
+                return PostOutcome(host=host, accepted=True)
+            error = f"HTTP {status}"
+            if 300 <= status < 400:
+                return PostOutcome(
+                    host=host, accepted=False, error=f"{error} (redirect not followed)"
+                )
+            if status != 429 and status < 500:
+                return PostOutcome(host=host, accepted=False, error=error)
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        if attempt + 1 < POST_ATTEMPTS:
+            wait = BACKOFF_BASE_SECONDS * 2.0**attempt * random.uniform(0.5, 1.5)
+            if retry_after is not None:
+                wait = max(wait, retry_after)
+            await asyncio.sleep(min(wait, MAX_BACKOFF_SECONDS))
+    return PostOutcome(host=host, accepted=False, error=f"{error} ({POST_ATTEMPTS} tries)")
