@@ -15,6 +15,10 @@ the rule and that metadata alone, with every value bound, never pasted. ``compil
 into the SQL text a run stores and executes on the source (through the same read-only checks as
 hand-written SQL). Each condition is two-valued (true or false, never NULL), so ``not`` means
 what a reader expects: a user with no plan is "not pro".
+
+Text compares as the column's collation says (MySQL's and MariaDB's usual ones ignore case,
+SQLite's and PostgreSQL's do not); ``contains`` ignores case everywhere, and matches ``%`` and
+``_`` as themselves. ``within`` is computed by the database each time the query runs.
 """
 
 from __future__ import annotations
@@ -86,7 +90,12 @@ from sqlalchemy.types import TypeEngine
 
 from syncer.errors import AudienceError, ConfigError
 from syncer.settings import parse_duration
-from syncer.sources import USER_ID_COLUMN, describe_db_error, normalize_sql
+from syncer.sources import (
+    USER_ID_COLUMN,
+    _describe_postgres,
+    describe_db_error,
+    normalize_sql,
+)
 
 # Bounds on one rule: a file is input, and a rule becomes one SQL statement.
 MAX_DEPTH = 20  # conditions nested in groups (and related ``where``s)
@@ -540,13 +549,8 @@ def describe_model(conn: Connection, name: str, spec: ModelSpec) -> ModelInfo:
         except AudienceError as exc:
             raise RuleError(("sql",), str(exc)) from None
         _check_no_colon_names(sql)
-        query: Select[Any] = (
-            select(literal_column("*")).select_from(text(f"({sql}\n) AS model_query")).limit(0)
-        )
         try:
-            result = conn.execute(query)
-            names = list(result.keys())
-            result.close()
+            names = _query_columns(conn, sql)
         except SQLAlchemyError as exc:
             raise RuleError(
                 ("sql",),
@@ -560,6 +564,20 @@ def describe_model(conn: Connection, name: str, spec: ModelSpec) -> ModelInfo:
         if wanted is not None:
             info.column(wanted, (key,))
     return info
+
+
+def _query_columns(conn: Connection, sql: str) -> list[str]:
+    """The names of a query's columns; nothing fetched. PostgreSQL: from the server's parse of
+    it, so nothing runs at all (as audience SQL is described there, ``syncer.sources``)."""
+    if conn.dialect.name == "postgresql":
+        return _describe_postgres(conn, sql)[0]
+    query: Select[Any] = (
+        select(literal_column("*")).select_from(text(f"({sql}\n) AS model_query")).limit(0)
+    )
+    result = conn.execute(query)
+    names = list(map(str, result.keys()))
+    result.close()
+    return names
 
 
 def _duckdb_columns(
