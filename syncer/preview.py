@@ -181,7 +181,7 @@ def dry_run(
         try:
             found = preview_audience(state, settings, view, sample_size=sample_size)
         except SyncerError as exc:
-            logger.warning("audience %s could not be previewed: %s", view.key, exc)
+            logger.info("audience %s could not be previewed: %s", view.key, exc)
             results.append(DryRun(audience_key=view.key, preview=None, error=str(exc)))
         else:
             results.append(DryRun(audience_key=view.key, preview=found))
