@@ -395,11 +395,13 @@ def _resolve_problem(
     """The problem is gone: close it if open, and say so if it was ever posted."""
     now = datetime.now(UTC)
     p = ALERT_PROBLEMS.c
+    is_open = (p.problem == problem) & p.resolved_at.is_(None)
+    with state.connect() as conn:  # most of the time nothing is open: no write lock for that
+        if conn.execute(select(p.problem).where(is_open)).first() is None:
+            return
     with write_transaction(state) as conn:
         row = conn.execute(
-            select(p.event, p.opened_at, p.sent_count)
-            .where(p.problem == problem, p.resolved_at.is_(None))
-            .with_for_update()
+            select(p.event, p.opened_at, p.sent_count).where(is_open).with_for_update()
         ).first()
         if row is None:
             return
@@ -452,12 +454,18 @@ def _payload(event: str, *, text: str, opened_at: datetime, at: datetime, **fiel
     body: dict[str, Any] = dict.fromkeys(PAYLOAD_FIELDS)
     body |= fields
     body |= {
-        "text": f"syncer: {text}",
+        "text": _slack_escaped(f"syncer: {text}"),
         "event": event,
         "opened_at": _iso(opened_at),
         "at": _iso(at),
     }
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _slack_escaped(text: str) -> str:
+    """Slack reads ``<...>`` in a text as a link or a mention (``<!channel>``): an error
+    message quoted in an alert must not ping anyone."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _iso(moment: datetime) -> str:

@@ -258,6 +258,23 @@ def test_a_run_error_never_shows_a_workflow_url_in_full(world: World, hooks: Rec
     assert workflow_url not in body["error"] and url_host(workflow_url) in body["error"]
 
 
+def test_a_quoted_error_cannot_ping_a_slack_channel(world: World, hooks: Receiver) -> None:
+    audience = world.create()
+    settings = with_alerts(world.settings, hooks.url(SECRET_PATH))
+    error = "column <!channel> & <@U123> not found"
+    alerts.after_run(
+        world.state,
+        settings,
+        audience_id=audience.id,
+        audience_key=audience.key,
+        result=result("failed", key=audience.key, error=error),
+    )
+    [body] = bodies(hooks)
+    assert body["error"] == error  # the structured field as it was
+    assert "<" not in body["text"] and ">" not in body["text"]
+    assert "&lt;!channel&gt; &amp; &lt;@U123&gt;" in body["text"]
+
+
 # -- deliveries -----------------------------------------------------------------------------------
 
 
