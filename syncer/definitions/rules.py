@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import date, datetime, time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -108,7 +108,30 @@ OPERATORS = (*SCALAR_OPERATORS, *LIST_OPERATORS, "contains", "is_null", "is_not_
 COUNT_OPERATORS = ("at_least", "at_most", "exactly")
 GROUP_KEYS = ("all", "any", "not")
 
-_CONFIG = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+def _config(schema: dict[str, Any] | None = None) -> ConfigDict:
+    """Keys as in the file, nothing else; ``schema``: what the JSON Schema adds for editors."""
+
+    def edit(generated: dict[str, Any]) -> None:
+        # An absent key is None in Python; in the file, a key is given with a value or left out.
+        for field in generated.get("properties", {}).values():
+            if field.get("default", ...) is None:
+                del field["default"]
+            branches = field.get("anyOf", [])
+            if {"type": "null"} in branches:
+                branches.remove({"type": "null"})
+                if len(branches) == 1:
+                    del field["anyOf"]
+                    field.update(branches[0])
+        generated.update(schema or {})
+
+    return ConfigDict(
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+        serialize_by_alias=True,
+        json_schema_extra=cast(Any, edit),
+    )
 
 
 def _scalar(value: Any) -> Any:
@@ -130,10 +153,21 @@ Scalar = Annotated[StrictStr | StrictInt | StrictFloat | StrictBool, BeforeValid
 # --- the file's models --------------------------------------------------------------------------
 
 
+# ``in`` / ``not_in``: a bounded list of values.
+Values = Annotated[list[Scalar], Field(min_length=1, max_length=MAX_VALUES)]
+# ``at_least`` / ``at_most`` / ``exactly``: a number of rows.
+Count = Annotated[StrictInt, Field(ge=0)]
+
+
 class ModelSpec(BaseModel):
     """A model as ``audiences.yml`` declares it."""
 
-    model_config = _CONFIG
+    model_config = _config(
+        {
+            "oneOf": [{"required": ["table"]}, {"required": ["sql"]}],
+            "anyOf": [{"required": ["primary_key"]}, {"required": ["foreign_key"]}],
+        }
+    )
 
     source: str = "default"
     table: str | None = Field(default=None, min_length=1)
@@ -171,7 +205,7 @@ class ModelSpec(BaseModel):
 class AttributeCondition(BaseModel):
     """A column of the model and one operator: ``{attribute: plan, eq: pro}``."""
 
-    model_config = _CONFIG
+    model_config = _config({"minProperties": 2, "maxProperties": 2})  # attribute + an operator
 
     attribute: str = Field(min_length=1)
     eq: Scalar | None = None
@@ -180,8 +214,8 @@ class AttributeCondition(BaseModel):
     le: Scalar | None = None
     gt: Scalar | None = None
     ge: Scalar | None = None
-    in_: list[Scalar] | None = Field(default=None, alias="in", min_length=1, max_length=MAX_VALUES)
-    not_in: list[Scalar] | None = Field(default=None, min_length=1, max_length=MAX_VALUES)
+    in_: Values | None = Field(default=None, alias="in")
+    not_in: Values | None = None
     contains: StrictStr | None = None
     is_null: Literal[True] | None = None
     is_not_null: Literal[True] | None = None
@@ -206,7 +240,7 @@ class AttributeCondition(BaseModel):
 class WhereGroup(BaseModel):
     """``all`` / ``any`` / ``not`` over conditions on a related model's columns."""
 
-    model_config = _CONFIG
+    model_config = _config({"minProperties": 1, "maxProperties": 1})
 
     all_: list[WhereCondition] | None = Field(default=None, alias="all")
     any_: list[WhereCondition] | None = Field(default=None, alias="any")
@@ -225,12 +259,12 @@ class WhereGroup(BaseModel):
 class RelatedCondition(BaseModel):
     """How many rows of a related model a user has: ``{related: orders, at_least: 1}``."""
 
-    model_config = _CONFIG
+    model_config = _config({"oneOf": [{"required": [key]} for key in COUNT_OPERATORS]})
 
     related: str = Field(min_length=1)
-    at_least: StrictInt | None = Field(default=None, ge=0)
-    at_most: StrictInt | None = Field(default=None, ge=0)
-    exactly: StrictInt | None = Field(default=None, ge=0)
+    at_least: Count | None = None
+    at_most: Count | None = None
+    exactly: Count | None = None
     within: str | None = None  # a duration: only rows whose timestamp is this recent
     where: Annotated[WhereCondition | list[WhereCondition] | None, WrapValidator(_where_field)] = (
         None
@@ -282,7 +316,7 @@ class RelatedCondition(BaseModel):
 class Group(BaseModel):
     """``all`` / ``any`` / ``not`` over conditions: ``{all: [...]}``."""
 
-    model_config = _CONFIG
+    model_config = _config({"minProperties": 1, "maxProperties": 1})
 
     all_: list[Condition] | None = Field(default=None, alias="all")
     any_: list[Condition] | None = Field(default=None, alias="any")

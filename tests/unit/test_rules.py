@@ -267,9 +267,25 @@ def test_json_schemas_come_out_clean() -> None:
     attribute = defs["AttributeCondition"]
     assert set(attribute["properties"]) == {"attribute", *OPERATORS}
     assert attribute["additionalProperties"] is False
-    assert set(defs["Group"]["properties"]) == {"all", "any", "not"}
-    assert "where" in defs["RelatedCondition"]["properties"]
-    json.dumps(ModelSpec.model_json_schema())
+    # one operator: the attribute and one more key
+    assert (attribute["minProperties"], attribute["maxProperties"]) == (2, 2)
+    assert attribute["properties"]["in"]["minItems"] == 1
+    assert attribute["properties"]["in"]["maxItems"] == MAX_VALUES
+    group = defs["Group"]
+    assert set(group["properties"]) == {"all", "any", "not"}
+    assert (group["minProperties"], group["maxProperties"]) == (1, 1)
+    related = defs["RelatedCondition"]
+    assert related["oneOf"] == [{"required": [key]} for key in ("at_least", "at_most", "exactly")]
+    assert related["properties"]["at_least"] == {
+        "minimum": 0,
+        "title": "At Least",
+        "type": "integer",
+    }
+    model = ModelSpec.model_json_schema()
+    assert model["oneOf"] == [{"required": ["table"]}, {"required": ["sql"]}]
+    # a key is given with a value or left out: null is nowhere a value
+    shown = json.dumps([schema, model])
+    assert '"null"' not in shown and '"default": null' not in shown
 
 
 # --- compiling -------------------------------------------------------------------------------------
