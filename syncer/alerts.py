@@ -149,7 +149,8 @@ def after_run(
 
 def check_deliveries(state: Engine, settings: Settings) -> None:
     """Alert on workflow URLs whose deliveries failed for good lately, or are owed longer
-    than ``owed_longer_than``; resolve those problems that cleared. Never raises."""
+    than ``owed_longer_than``; resolve those problems that cleared. Never raises; stops at the
+    first alert no webhook takes (the next check goes on)."""
     alerts = settings.alerts
     if not alerts.webhook_urls:
         return
@@ -169,11 +170,18 @@ def check_deliveries(state: Engine, settings: Settings) -> None:
         return
     for destination_id, host in sorted(hosts.items()):
         try:
-            _check_url(state, alerts, destination_id, host, failed.get(destination_id))
-            _check_owed(state, alerts, destination_id, host, owed.get(destination_id))
+            posted = _check_url(
+                state, alerts, destination_id, host, failed.get(destination_id)
+            ) and _check_owed(state, alerts, destination_id, host, owed.get(destination_id))
         except Exception as exc:
             logger.warning("alerts: deliveries to %s: %s", host, _describe(exc))
             logs.trace(logger, exc)
+            continue
+        if not posted:
+            # No webhook takes alerts now: the rest waits for the next check rather than
+            # holding a worker of serve through every post's tries.
+            logger.info("alerts: the webhooks took nothing; the next check tries again")
+            return
 
 
 # -- the deliveries' problems -----------------------------------------------------------------
@@ -225,22 +233,21 @@ def _owed_long(conn: Connection, before: datetime) -> dict[int, _Owed]:
 
 def _check_url(
     state: Engine, alerts: AlertSettings, destination_id: int, host: str, failed: _Failed | None
-) -> None:
+) -> bool:
     problem = f"url:{destination_id}"
     window = format_duration(alerts.repeat_after_seconds)
     fields: dict[str, Any] = {"url_host": host}
     if failed is None:
-        _resolve_problem(
+        return _resolve_problem(
             state,
             alerts,
             problem=problem,
             fields=fields,
             text=f"Resolved: no delivery to {host} has failed for good in the last {window}.",
         )
-        return
     error = _cut(failed.error)
     fields |= {"failed": failed.count, "error": error, "newest_failed_at": _iso(failed.newest)}
-    _raise_problem(
+    return _raise_problem(
         state,
         alerts,
         problem=problem,
@@ -257,21 +264,20 @@ def _check_url(
 
 def _check_owed(
     state: Engine, alerts: AlertSettings, destination_id: int, host: str, owed: _Owed | None
-) -> None:
+) -> bool:
     problem = f"owed:{destination_id}"
     threshold = format_duration(alerts.owed_longer_than_seconds)
     fields: dict[str, Any] = {"url_host": host}
     if owed is None:
-        _resolve_problem(
+        return _resolve_problem(
             state,
             alerts,
             problem=problem,
             fields=fields,
             text=f"Resolved: nothing is owed to {host} for longer than {threshold}.",
         )
-        return
     fields |= {"owed": owed.count, "owed_since": _iso(owed.oldest)}
-    _raise_problem(
+    return _raise_problem(
         state,
         alerts,
         problem=problem,
@@ -319,8 +325,9 @@ def _raise_problem(
     event: str,
     fields: Mapping[str, Any],
     text: str,
-) -> None:
-    """The problem is there: open it (or keep it open), and post it if it is due."""
+) -> bool:
+    """The problem is there: open it (or keep it open), and post it if it is due. False when
+    it was posted and no webhook took it."""
     now = datetime.now(UTC)
     repeat_cutoff = now - timedelta(seconds=alerts.repeat_after_seconds)
     p = ALERT_PROBLEMS.c
@@ -365,9 +372,9 @@ def _raise_problem(
                     .values(event=event, **({"last_sent_at": now} if due else {}))
                 )
                 if not due:
-                    return
+                    return True
     except IntegrityError:
-        return  # another process opened it at the same moment, and posts it
+        return True  # another process opened it at the same moment, and posts it
     payload = _payload(event, problem=problem, opened_at=opened_at, at=now, text=text, **fields)
     outcomes = _post(alerts, payload)
     accepted = any(o.accepted for o in outcomes)
@@ -382,6 +389,7 @@ def _raise_problem(
             .where(p.problem == problem, p.last_sent_at == now)  # still this post's claim
             .values(**values)
         )
+    return accepted
 
 
 def _resolve_problem(
@@ -391,23 +399,24 @@ def _resolve_problem(
     problem: str,
     fields: Mapping[str, Any],
     text: str,
-) -> None:
-    """The problem is gone: close it if open, and say so if it was ever posted."""
+) -> bool:
+    """The problem is gone: close it if open, and say so if it was ever posted. False when
+    that was posted and no webhook took it."""
     now = datetime.now(UTC)
     p = ALERT_PROBLEMS.c
     is_open = (p.problem == problem) & p.resolved_at.is_(None)
     with state.connect() as conn:  # most of the time nothing is open: no write lock for that
         if conn.execute(select(p.problem).where(is_open)).first() is None:
-            return
+            return True
     with write_transaction(state) as conn:
         row = conn.execute(
             select(p.event, p.opened_at, p.sent_count).where(is_open).with_for_update()
         ).first()
         if row is None:
-            return
+            return True
         conn.execute(update(ALERT_PROBLEMS).where(p.problem == problem).values(resolved_at=now))
     if not row.sent_count:
-        return  # nobody heard of it
+        return True  # nobody heard of it
     payload = _payload(
         ALERT_RESOLVED,
         problem=problem,
@@ -425,6 +434,7 @@ def _resolve_problem(
                 .where(p.problem == problem)
                 .values(last_error=_errors(outcomes))
             )
+    return any(o.accepted for o in outcomes)
 
 
 # -- the payload ------------------------------------------------------------------------------

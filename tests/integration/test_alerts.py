@@ -469,6 +469,27 @@ def test_a_post_nobody_took_is_tried_again_by_the_next_check(world: World, hooks
     assert (row.sent_count, row.last_error) == (1, None)
 
 
+def test_a_check_stops_at_the_first_alert_no_webhook_takes(world: World, hooks: Receiver) -> None:
+    key = synced(world)
+    w1, w2 = destination_of(world, key, "w1"), destination_of(world, key, "w2")
+    now = datetime.now(UTC)
+    set_deliveries(world, w1, status="failed", last_attempt_at=now)
+    set_deliveries(world, w2, status="pending", owed_since=now - timedelta(hours=2))
+    settings = with_alerts(world.settings, hooks.url(SECRET_PATH), timeout_seconds=TIMEOUT)
+    hooks.set_status(SECRET_PATH, 503)
+
+    alerts.check_deliveries(world.state, settings)
+
+    assert len(hooks.requests(SECRET_PATH)) == alerts.POST_ATTEMPTS  # one alert's tries
+    assert problem(world, f"owed:{w2}") is None  # left for the next check
+    hooks.set_status(SECRET_PATH, None)
+    alerts.check_deliveries(world.state, settings)
+    assert sorted(r.json["event"] for r in hooks.accepted(SECRET_PATH)) == [
+        "deliveries_owed",
+        "url_failed",
+    ]
+
+
 def test_a_webhook_nobody_listens_on_raises_nothing(world: World, hooks: Receiver) -> None:
     audience = world.create()
     closed = hooks.url(SECRET_PATH)
