@@ -359,3 +359,43 @@ def test_models_the_source_does_not_have(source: Connection) -> None:
         describe_model(source, "bad", ModelSpec(sql="SELECT nope FROM users", foreign_key="nope"))
     assert failing.value.path == ("sql",)
     assert "failed on source 'default'" in str(failing.value)
+
+
+# A column with a time zone, as each database spells it (SQLite has none).
+AWARE = {"postgresql": "TIMESTAMPTZ", "duckdb": "TIMESTAMPTZ", "mariadb": "TIMESTAMP(6) NULL"}
+SESSION_ZONE = {
+    "postgresql": "SET TIME ZONE 'America/New_York'",
+    "duckdb": "SET TimeZone = 'America/New_York'",
+    "mariadb": "SET time_zone = '-05:00'",
+}
+
+
+def test_within_is_the_databases_now_whatever_the_sessions_time_zone(source: Connection) -> None:
+    """Naive timestamps hold UTC; a session five hours off UTC moves neither them nor "now"."""
+    name = source.dialect.name
+    stamps = f"seen {TYPES[name][3]}" + (f", seen_tz {AWARE[name]}" if name in AWARE else "")
+    source.execute(text(f"CREATE TABLE events (user_id {TYPES[name][0]}, {stamps})"))
+    one_hour, three_hours = NOW - timedelta(hours=1), NOW - timedelta(hours=3)
+    values = [{"user_id": "u1", "seen": one_hour}, {"user_id": "u2", "seen": three_hours}]
+    if name in AWARE:
+        source.execute(
+            text("INSERT INTO events VALUES (:user_id, :seen, :seen_tz)"),
+            [row | {"seen_tz": row["seen"].replace(tzinfo=UTC)} for row in values],
+        )
+    else:
+        source.execute(
+            text("INSERT INTO events VALUES (:user_id, :seen)"),
+            [row | {"seen": f"{row['seen'].isoformat()}Z"} for row in values],
+        )
+    if name in SESSION_ZONE:
+        source.execute(text(SESSION_ZONE[name]))
+    source.commit()
+    users = describe_model(source, "users", SPECS["users"])
+    for column in ("seen", "seen_tz") if name in AWARE else ("seen",):
+        events = describe_model(
+            source, "events", ModelSpec(table="events", foreign_key="user_id", timestamp=column)
+        )
+        rule = parse_rules({"related": "events", "at_least": 1, "within": "2h"})
+        sql, params = compiled_sql(compile_rules(rule, users, {"events": events}), source.dialect)
+        got = source.execute(text(sql).bindparams(**params)).scalars().all()
+        assert got == ["u1"], (column, sql)
