@@ -39,6 +39,7 @@ from syncer.definitions.rules import (
     RuleError,
     compile_rules,
     compiled_sql,
+    describe_model,
     display_sql,
     parse_rules,
     rules_data,
@@ -576,3 +577,64 @@ def test_within_reads_the_columns_time_zone() -> None:
             DefaultDialect(),  # a dialect syncer has no rendering of its own for
         )[0]
     )
+
+
+def test_placeholders_are_plain_names_whatever_the_column_is_called() -> None:
+    odd = ModelInfo(
+        "people",
+        ModelSpec(table="people", primary_key="id"),
+        {"id": String(), "first name": String(), "straße": String(), "2fa": Boolean()},
+    )
+    rule = parse_rules(
+        {
+            "all": [
+                {"attribute": "first name", "eq": "a"},
+                {"attribute": "straße", "eq": "b"},
+                {"attribute": "2fa", "eq": True},
+            ]
+        }
+    )
+    sql, params = compiled_sql(compile_rules(rule, odd, {}), dialect("postgresql"))
+    assert params == {"first_name_1": "a", "stra_e_1": "b", "value_2fa_1": True}
+    assert set(text(sql).bindparams(**params).compile().params) == set(params)
+
+
+def test_display_sql_without_values_is_the_sql() -> None:
+    query = compile_rules(parse_rules({"attribute": "plan", "is_null": True}), USERS, MODELS)
+    assert display_sql(query, dialect("sqlite")) == compiled_sql(query, dialect("sqlite"))[0]
+
+
+def test_describing_models() -> None:
+    """On an in-memory SQLite database (tests/integration runs it on each database)."""
+    engine = create_engine("sqlite://")
+    with engine.connect() as conn:
+        conn.execute(text("CREATE TABLE Users (User_Id TEXT, Plan TEXT)"))
+        info = describe_model(conn, "users", ModelSpec(table="Users", primary_key="user_id"))
+        assert list(info.columns) == ["User_Id", "Plan"]
+        assert isinstance(info.columns["Plan"], String)
+        query = compile_rules(parse_rules({"attribute": "plan", "eq": "x"}), info, {})
+        assert compiled_sql(query, conn.dialect)[0].startswith('SELECT users."User_Id" AS user_id')
+        model = describe_model(
+            conn,
+            "plans",
+            ModelSpec(sql="SELECT User_Id AS owner, Plan FROM Users;  -- all", foreign_key="owner"),
+        )
+        assert model.spec.sql == "SELECT User_Id AS owner, Plan FROM Users"
+        assert list(model.columns) == ["owner", "Plan"]
+        assert isinstance(model.columns["owner"], NullType)
+        with pytest.raises(RuleError) as colon:
+            describe_model(
+                conn, "t", ModelSpec(sql="SELECT User_Id, ' :x' AS t FROM Users", foreign_key="t")
+            )
+        assert colon.value.path == ("sql",)
+        assert "holds ':x'" in str(colon.value)
+        with pytest.raises(RuleError) as no_stamp:
+            describe_model(
+                conn,
+                "users",
+                ModelSpec(table="Users", foreign_key="User_Id", timestamp="created_at"),
+            )
+        assert no_stamp.value.path == ("timestamp",)
+        assert (
+            str(no_stamp.value) == "no column 'created_at' in model users (columns: Plan, User_Id)"
+        )
