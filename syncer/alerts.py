@@ -588,7 +588,9 @@ async def _post_one(
         except (TimeoutError, httpx.TimeoutException):
             error = f"timeout: no complete answer within {timeout:g} s"
         except httpx.TransportError as exc:
-            error = f"connection error: {_describe(exc)}"
+            error = f"connection error: {_describe(exc).replace(url, host)}"
+        except Exception as exc:  # whatever else: this webhook's failure, never the caller's
+            return PostOutcome(host=host, accepted=False, error=_describe(exc).replace(url, host))
         else:
             status = response.status_code
             if 200 <= status < 300:
