@@ -86,7 +86,9 @@ MAX_MODELS = 100
 MAX_DESCRIPTION_LENGTH = 10_000
 MAX_ERRORS_KEPT = 20  # located errors kept on the exception; its message shows the first
 
-MODEL_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,99}$"
+MODEL_NAME_PATTERN = (
+    r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"  # an SQL alias: PostgreSQL keeps 63 characters
+)
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -856,7 +858,7 @@ def _describe(err: ErrorDetails, data: Any, shown: str, lines: Mapping[Any, int]
     elif kind == "string_pattern_mismatch" and len(loc) == 2 and loc[0] == "models":
         message = (
             "a model's name is letters, digits and _, not starting with a digit, "
-            "at most 100 characters"
+            "at most 63 characters"
         )
     elif kind in _TYPE_MESSAGES:
         message = _TYPE_MESSAGES[kind]

@@ -213,7 +213,7 @@ BAD_FILES: list[tuple[str, str]] = [
     (
         "models:\n  my-model: {table: t, primary_key: id}\n",
         '2: models["my-model"]: a model\'s name is letters, digits and _, not starting with a '
-        "digit, at most 100 characters",
+        "digit, at most 63 characters",
     ),
     (
         "models:\n  users:\n    table: users\n    primary_keys: id\n",
