@@ -27,9 +27,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from syncer import __version__, audiences, db, history, logs
 from syncer.errors import ConfigError, SyncerError, UsageError
 from syncer.models import AUDIENCE_ACTIVE, AUDIENCE_PAUSED, DELIVERY_STATUSES
-from syncer.settings import Settings, is_utf8, load_settings, settings_path
+from syncer.settings import (
+    DEFAULT_SOURCE,
+    MAX_MIN_REMOVED,
+    Settings,
+    is_utf8,
+    load_settings,
+    settings_path,
+)
 
 if TYPE_CHECKING:
+    from syncer.preview import Preview
     from syncer.sync import RunResult
 
 logger = logging.getLogger(__name__)
@@ -38,6 +46,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_PIPE_CLOSED = 128 + 13  # as a tool killed by SIGPIPE: the reader of our output went away
 MAX_LIMIT = 1_000_000  # rows one listing prints
 MAX_DEMO_USERS = 1_000_000
+DEFAULT_AUDIENCES_FILE = "audiences.yml"
+MAX_SAMPLE = 1000  # ids a preview shows
 # Arguments that name files: any bytes the file system allows, so not held to UTF-8.
 PATH_ARGUMENTS = frozenset({"settings", "file", "dir", "warehouse"})
 
@@ -77,11 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--all", action="store_true", help="include deleted audiences")
     show = aud_sub.add_parser("show", help="show one audience")
     show.add_argument("key")
-    show.add_argument("--json", action="store_true")
+    show_as = show.add_mutually_exclusive_group()
+    show_as.add_argument("--json", action="store_true")
+    show_as.add_argument(
+        "--sql", action="store_true", help="print the SQL it runs (rules compiled) and its values"
+    )
     upd = aud_sub.add_parser("update", help="change the SQL or schedule (never the key)")
     upd.add_argument("key")
     upd.add_argument("--sql")
     _schedule_args(upd)
+    upd.add_argument(
+        "--max-removed-percent",
+        type=_count(0, 100),
+        metavar="N",
+        help="hold a run that would remove more than N%% of the members (default: [guard])",
+    )
+    upd.add_argument(
+        "--min-removed",
+        type=_count(0, MAX_MIN_REMOVED),
+        metavar="N",
+        help="...and at least N members (default: [guard])",
+    )
+    aud_sub.add_parser(
+        "approve", help="let the next run through the removal guard, once"
+    ).add_argument("key")
+    look = aud_sub.add_parser(
+        "preview", help="members, a sample and who would enter or leave; writes and sends nothing"
+    )
+    what = look.add_mutually_exclusive_group(required=True)
+    what.add_argument("key", nargs="?", help="an audience, as its next run would evaluate it")
+    what.add_argument("--sql", help="a SELECT returning user ids, tried on --source")
+    what.add_argument("--file", help="an audiences.yml: preview its entry --name")
+    look.add_argument("--name", help="with --file: the entry's name (or key)")
+    look.add_argument("--source", help="a [sources.NAME] of settings.toml (with --sql)")
+    look.add_argument("--json", action="store_true")
+    look.add_argument(
+        "--sample", type=_count(1, MAX_SAMPLE), default=10, help="ids to show (default 10)"
+    )
     for name, text in (
         ("pause", "stop syncing it until resumed"),
         ("resume", "sync it again"),
@@ -109,10 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--wait", action="store_true", help="wait for a run in progress elsewhere, then run"
     )
+    sync.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only preview each audience: members, entering, leaving; writes and sends nothing",
+    )
 
     commands.add_parser(
         "serve", help="the scheduler: runs every active audience on its schedule until stopped"
     )
+
+    for name, text in (
+        ("plan", "show what applying audiences.yml would change; writes nothing"),
+        ("apply", "make the audiences what audiences.yml says, in one transaction"),
+    ):
+        as_code = commands.add_parser(name, help=text)
+        as_code.add_argument(
+            "file", nargs="?", default=DEFAULT_AUDIENCES_FILE, help="default: ./audiences.yml"
+        )
+        as_code.add_argument(
+            "--prune", action="store_true", help="also delete audiences the file does not name"
+        )
+        as_code.add_argument("--json", action="store_true")
+        if name == "plan":
+            as_code.add_argument(
+                "--no-preview",
+                action="store_true",
+                help="skip the member counts of new and changed audiences",
+            )
 
     dels = commands.add_parser("deliveries", help="the outbox: deliveries, newest first")
     dels.add_argument("key", nargs="?")
@@ -300,6 +366,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 "users": _users,
                 "deliveries": _deliveries,
                 "retry": _retry,
+                "plan": _plan,
+                "apply": _plan,
             }[args.command]
             return handler(args, state, settings)
     finally:
@@ -309,14 +377,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _writes(args: argparse.Namespace) -> bool:
     """Whether the command may write to the state database (listings only read)."""
     if args.command == "audience":
-        return args.audience_command not in {"list", "show"}
+        return args.audience_command not in {"list", "show", "preview"}
+    if args.command == "plan":
+        return False
+    if args.command == "sync" and args.dry_run:
+        return False  # only temporary tables: a read-only state database user may preview
     return args.command not in {"history", "deliveries"}
 
 
 def _runs_audience_sql(args: argparse.Namespace) -> bool:
     if args.command == "audience":
-        return args.audience_command in {"create", "update"}
-    return args.command in {"sync", "serve"}
+        return args.audience_command in {"create", "update", "preview"}
+    return args.command in {"sync", "serve", "plan", "apply"}
 
 
 @contextmanager
@@ -401,6 +473,9 @@ def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> in
         return EXIT_OK
     if command == "show":
         view = audiences.get(state, args.key, include_deleted=True)
+        if args.sql:
+            print(audiences.shown_sql(view))
+            return EXIT_OK
         last_run = history.last_runs(state, [view.id]).get(view.id)
         data = _audience_json(view, default_every, last_run)
         if args.json:
@@ -414,10 +489,17 @@ def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> in
         schedule = None
         if args.every or args.cron:
             schedule = audiences.parse_schedule(args.every, args.cron)
+        guard = None
+        if args.max_removed_percent is not None or args.min_removed is not None:
+            guard = audiences.validate_guard(args.max_removed_percent, args.min_removed)
         view = audiences.update_definition(
-            state, settings, args.key, sql=args.sql, schedule=schedule
+            state, settings, args.key, sql=args.sql, schedule=schedule, guard=guard
         )
         print(f"updated {view.key}")
+        return EXIT_OK
+    if command == "approve":
+        view = audiences.approve(state, args.key)
+        print(f"{view.key}: approved; its next run goes through the removal guard once")
         return EXIT_OK
     if command == "delete":
         from syncer.sync import retire_audience
@@ -427,6 +509,8 @@ def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> in
             print(_describe(result))
         print(f"{args.key}: deleted")
         return EXIT_OK if result is None or result.status == "succeeded" else EXIT_FAILED
+    if command == "preview":
+        return _preview(args, state, settings)
     status = {"pause": AUDIENCE_PAUSED, "resume": AUDIENCE_ACTIVE}
     view = audiences.set_status(state, args.key, status[command])
     print(f"{view.key}: {view.status}")
@@ -445,6 +529,12 @@ def _audience_json(
         "status": view.status,
         "source": view.source,
         "sql": view.sql,
+        "rules": view.rules,
+        "managed": view.managed,
+        "guard": {
+            "max_removed_percent": view.guard.max_removed_percent,
+            "min_removed": view.guard.min_removed,
+        },
         "schedule": view.schedule.describe(default_every),
         "created_at": view.created_at.isoformat(),
         "updated_at": view.updated_at.isoformat(),
@@ -457,7 +547,96 @@ def _describe_last_run(run: history.LastRun) -> str:
     return f"run {run.run_id} {run.status} ({finished})"
 
 
+def _preview(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    from syncer import preview
+
+    if args.name is not None and args.file is None:
+        raise UsageError("--name goes with --file: the entry of an audiences.yml to preview")
+    if args.file is not None:
+        if args.name is None or args.source is not None:
+            raise UsageError(
+                "give --file with --name (the entry to preview); its source is the file's"
+            )
+        from syncer.definitions.plan import preview_entry
+
+        found = preview_entry(state, settings, args.file, args.name, sample_size=args.sample)
+    elif args.key is not None:
+        if args.source is not None:
+            raise UsageError("--source goes with --sql; an audience previews on its own source")
+        view = audiences.get(state, args.key)
+        found = preview.preview_audience(state, settings, view, sample_size=args.sample)
+    else:
+        found = preview.preview(
+            state,
+            settings,
+            sql=args.sql,
+            params=None,
+            source_name=args.source or DEFAULT_SOURCE,
+            audience=None,
+            sample_size=args.sample,
+        )
+    if args.json:
+        _print_json(found.as_json())
+    else:
+        print(_describe_preview(found))
+    return EXIT_OK
+
+
+def _describe_preview(p: Preview) -> str:
+    """A preview as a few lines a person reads."""
+    title = f"{p.audience_key}: " if p.audience_key else ""
+    lines = [
+        f"{title}{p.members} members, {p.entering} entering, {p.leaving} leaving"
+        + (" (its first run: everyone is entering)" if p.initial and p.audience_key else ""),
+    ]
+    if p.skipped:
+        lines.append(f"  {p.skipped} ids skipped: blank, invalid or deleted users")
+    for label, ids in (
+        ("members", p.sample),
+        ("entering", p.sample_entering),
+        ("leaving", p.sample_leaving),
+    ):
+        if ids:
+            lines.append(
+                f"  {label}: {', '.join(ids)}" + (" …" if len(ids) < _total(p, label) else "")
+            )
+    if p.held:
+        lines.append(
+            f"  the removal guard would hold this run (nothing committed or sent); if the "
+            f"source is right, let it through once: syncer audience approve {p.audience_key}"
+        )
+    elif p.approved:
+        lines.append("  approved: the next run goes through the removal guard once")
+    return "\n".join(lines)
+
+
+def _total(p: Preview, label: str) -> int:
+    return {"members": p.members, "entering": p.entering, "leaving": p.leaving}[label]
+
+
+def _dry_run(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    from syncer import preview
+
+    if args.wait:
+        raise UsageError("--wait does not go with --dry-run: a dry run takes no lease")
+    results = preview.dry_run(state, settings, args.keys)
+    if args.json:
+        _print_json([r.as_json() for r in results])
+    else:
+        for r in results:
+            if r.preview is None:
+                print(f"{r.audience_key}: could not be previewed\n  {r.error}")
+            else:
+                print(_describe_preview(r.preview))
+    failed = [r for r in results if r.preview is None]
+    for r in failed:
+        print(f"syncer: error: {r.audience_key}: {r.error}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def _sync(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    if args.dry_run:
+        return _dry_run(args, state, settings)
     # Imported here: the HTTP stack costs a noticeable share of every command's start-up.
     from syncer.sync import RUN_SKIPPED, sync_audiences
 
@@ -585,6 +764,22 @@ def _history(args: argparse.Namespace, state: Engine, settings: Settings) -> int
         _print_json([r.as_json() for r in records])
         return EXIT_OK
     print(history.format_runs(records))
+    return EXIT_OK
+
+
+def _plan(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
+    from syncer.definitions import plan as plans
+
+    if args.command == "apply":
+        done = plans.apply(state, settings, args.file, prune=args.prune)
+    else:
+        done = plans.make_plan(
+            state, settings, args.file, prune=args.prune, with_preview=not args.no_preview
+        )
+    if args.json:
+        _print_json(done.as_json())
+    else:
+        print(plans.format_plan(done, applied=args.command == "apply"))
     return EXIT_OK
 
 

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from syncer import audiences, diff, guard, leases, logs, loops
+from syncer import alerts, audiences, diff, guard, leases, logs, loops
 from syncer.audiences import AudienceView
 from syncer.db import write_transaction
 from syncer.delivery import (
@@ -110,6 +110,7 @@ def sync_audiences(
                 run_id=None, audience_key=view.key, kind=None, status=RUN_FAILED, error=error
             )
         results.append(result)
+    alerts.check_deliveries(state, settings)  # URLs failing for good, deliveries owed too long
     return results
 
 
@@ -170,6 +171,10 @@ def run_audience(
             result.status,
             result.error,
         )
+    # After the run is finished and its lease released: a slow webhook delays no run.
+    alerts.after_run(
+        state, settings, audience_id=audience.id, audience_key=audience.key, result=result
+    )
     return result
 
 

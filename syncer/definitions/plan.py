@@ -215,6 +215,41 @@ def apply(state: Engine, settings: Settings, path: str, *, prune: bool = False) 
     return plan
 
 
+def preview_entry(
+    state: Engine, settings: Settings, path: str, name: str, *, sample_size: int
+) -> Any:
+    """``audience preview --file FILE --name NAME``: one entry of the file (by its name or its
+    key), compiled as ``apply`` would, previewed against the stored audience of its key (if
+    there is one). Writes nothing."""
+    from syncer.preview import preview
+
+    loaded = files.load_file(path)
+    wanted = " ".join(name.split())
+    found = [
+        index
+        for index, entry in enumerate(loaded.spec.audiences)
+        if wanted in (entry.name, files.entry_key(entry))
+    ]
+    if not found:
+        names = ", ".join(entry.name for entry in loaded.spec.audiences[:10]) or "none"
+        raise AudienceError(f"{loaded.shown}: no audience named {name!r} (audiences: {names})")
+    index = found[0]
+    with ExitStack() as stack:
+        sources = _Sources(settings=settings, stack=stack)
+        infos = _describe_models(loaded, settings, sources)
+        want = _compile_entry(loaded, index, loaded.spec.audiences[index], infos, settings, sources)
+    stored = {view.key: view for view in audiences.list_all(state)}
+    return preview(
+        state,
+        settings,
+        sql=want.sql,
+        params=want.params,
+        source_name=want.source,
+        audience=stored.get(want.key),
+        sample_size=sample_size,
+    )
+
+
 # --- reading the file against the sources ------------------------------------------------------
 
 
