@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from syncer.db import write_transaction
 from syncer.errors import AudienceError, ConfigError
+from syncer.guard import GuardOverrides
 from syncer.models import (
     AUDIENCE_ACTIVE,
     AUDIENCE_DELETED,
@@ -80,14 +81,6 @@ def parse_schedule(every: str | None, cron: str | None) -> Schedule:
     except ConfigError as exc:
         raise AudienceError(str(exc)) from None
     return Schedule()
-
-
-@dataclass(frozen=True, kw_only=True)
-class GuardOverrides:
-    """An audience's own removal guard thresholds; None: the [guard] setting."""
-
-    max_removed_percent: int | None = None
-    min_removed: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,6 +222,14 @@ def get_by_id(state: Engine, audience_id: int) -> AudienceView:
     if row is None or row["status"] == AUDIENCE_DELETED:
         raise AudienceError(f"no audience with id {audience_id}")
     return AudienceView.of(row)
+
+
+def to_run(state: Engine, keys: Sequence[str] = ()) -> list[AudienceView]:
+    """The audiences a sync runs: the given keys (any status but deleted), else every active
+    one. An unknown key is refused before anything runs."""
+    if keys:
+        return [get(state, key) for key in keys]
+    return [view for view in list_all(state) if view.status == AUDIENCE_ACTIVE]
 
 
 def list_all(state: Engine, *, include_deleted: bool = False) -> list[AudienceView]:

@@ -140,6 +140,19 @@ def reset_temp_tables(conn: Connection) -> None:
             drop_definer_function(conn)
 
 
+def discard(conn: Connection, after: str) -> None:
+    """After a failure (or a preview): roll back what the connection was doing (on PostgreSQL
+    a failed statement poisons its transaction) and drop its temporary tables. If even that
+    fails, the connection is thrown away instead of going back to the pool: the next user of
+    the pool must get a clean one, and the failure reported is the first one."""
+    try:
+        conn.rollback()
+        reset_temp_tables(conn)
+    except Exception as exc:
+        logger.warning("discarding a state database connection after %s: %s", after, exc)
+        conn.invalidate()
+
+
 def stage(conn: Connection, source: Source | None, sql: str, params: Params = None) -> Staged:
     """Evaluate the definition on its source and load the ids into ``syncer_staged``.
 

@@ -17,6 +17,14 @@ from syncer.settings import GuardSettings
 
 
 @dataclass(frozen=True, kw_only=True)
+class GuardOverrides:
+    """An audience's own removal guard thresholds; None: the [guard] setting."""
+
+    max_removed_percent: int | None = None
+    min_removed: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Thresholds:
     max_removed_percent: int
     min_removed: int
@@ -36,15 +44,12 @@ class Thresholds:
         )
 
 
-def thresholds(
-    settings: GuardSettings, *, max_removed_percent: int | None, min_removed: int | None
-) -> Thresholds:
+def thresholds(settings: GuardSettings, overrides: GuardOverrides) -> Thresholds:
     """An audience's thresholds: its own overrides, else the [guard] settings."""
+    percent, least = overrides.max_removed_percent, overrides.min_removed
     return Thresholds(
-        max_removed_percent=(
-            settings.max_removed_percent if max_removed_percent is None else max_removed_percent
-        ),
-        min_removed=settings.min_removed if min_removed is None else min_removed,
+        max_removed_percent=settings.max_removed_percent if percent is None else percent,
+        min_removed=settings.min_removed if least is None else least,
     )
 
 

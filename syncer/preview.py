@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, exists, false, or_, select, true
 from syncer import audiences, diff, guard
 from syncer.audiences import AudienceView
 from syncer.errors import SyncerError
-from syncer.models import AUDIENCE_ACTIVE, MEMBERSHIPS, SyncRun
+from syncer.models import MEMBERSHIPS, SyncRun
 from syncer.settings import Settings
 from syncer.sources import open_source
 
@@ -108,17 +108,13 @@ def preview(
                     samples = _samples(conn, audience_id, sample_size)
                     initial = audience is None or not _committed_before(conn, audience_id)
             finally:
-                _drop_temp_tables(conn)
+                diff.discard(conn, "a preview")
     finally:
         source.engine.dispose()
     members = staged.members - changes.suppressed
     held = False
     if audience is not None:
-        limits = guard.thresholds(
-            settings.guard,
-            max_removed_percent=audience.guard.max_removed_percent,
-            min_removed=audience.guard.min_removed,
-        )
+        limits = guard.thresholds(settings.guard, audience.guard)
         before = guard.members_before(
             members_after=members, added=changes.added, removed=changes.removed
         )
@@ -171,11 +167,7 @@ def dry_run(
     Unknown keys are refused before anything is evaluated. One audience whose source fails is
     that audience's error; the others are still previewed.
     """
-    views = (
-        [audiences.get(state, key) for key in keys]
-        if keys
-        else [a for a in audiences.list_all(state) if a.status == AUDIENCE_ACTIVE]
-    )
+    views = audiences.to_run(state, keys)
     results = []
     for view in views:
         try:
@@ -221,15 +213,3 @@ def _committed_before(conn: Connection, audience_id: int) -> bool:
         ).first()
         is not None
     )
-
-
-def _drop_temp_tables(conn: Connection) -> None:
-    """Roll back whatever the connection was doing (a failed statement poisons a PostgreSQL
-    transaction) and drop the temporary tables; a connection that cannot be cleaned is thrown
-    away rather than returned to the pool."""
-    try:
-        conn.rollback()
-        diff.reset_temp_tables(conn)
-    except Exception as exc:
-        logger.warning("discarding a state database connection after a preview: %s", exc)
-        conn.invalidate()

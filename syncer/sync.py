@@ -36,7 +36,6 @@ from syncer.delivery import (
 )
 from syncer.errors import LeaseHeldError, SyncerError
 from syncer.models import (
-    AUDIENCE_ACTIVE,
     AUDIENCE_DELETED,
     RUN_FAILED,
     RUN_HELD,
@@ -89,11 +88,7 @@ def sync_audiences(
     failing: the loop goes on with the next one.
     """
     settings.tray.require_urls()
-    views = (
-        [audiences.get(state, key) for key in keys]
-        if keys
-        else [a for a in audiences.list_all(state) if a.status == AUDIENCE_ACTIVE]
-    )
+    views = audiences.to_run(state, keys)
     leases.close_orphaned_runs(state)
     results = []
     for view in views:
@@ -294,7 +289,7 @@ def evaluate_and_commit(
                     approval=approval,
                 )
             except BaseException:
-                _discard(conn)
+                diff.discard(conn, "a failed run")
                 raise
             diff.reset_temp_tables(conn)
     finally:
@@ -315,11 +310,7 @@ def _guard(
     whether or not this run needed it: ``approve`` lets the next run through, once."""
     with conn.begin():
         approval = diff.pending_approval(conn, audience.id)
-    limits = guard.thresholds(
-        settings.guard,
-        max_removed_percent=audience.guard.max_removed_percent,
-        min_removed=audience.guard.min_removed,
-    )
+    limits = guard.thresholds(settings.guard, audience.guard)
     before = guard.members_before(
         members_after=staged.members - changes.suppressed,
         added=changes.added,
@@ -368,19 +359,6 @@ def _hold_run(
         seconds=time.monotonic() - started,
         error=str(held),
     )
-
-
-def _discard(conn: Connection) -> None:
-    """After a failure: roll back what the connection was doing (on PostgreSQL a failed
-    statement poisons its transaction) and drop its temporary tables. If even that fails, the
-    connection is thrown away instead of going back to the pool: the next user of the pool
-    must get a clean one, and the failure reported is the first one."""
-    try:
-        conn.rollback()
-        diff.reset_temp_tables(conn)
-    except Exception as exc:
-        logger.warning("discarding a state database connection after a failed run: %s", exc)
-        conn.invalidate()
 
 
 def retire_audience(

@@ -53,12 +53,7 @@ from yaml.events import (
 )
 from yaml.nodes import ScalarNode
 
-from syncer.audiences import (
-    MAX_NAME_LENGTH,
-    GuardOverrides,
-    Schedule,
-    audience_key,
-)
+from syncer.audiences import MAX_NAME_LENGTH, Schedule, audience_key
 from syncer.definitions.rules import (
     AttributeCondition,
     Condition,
@@ -67,6 +62,7 @@ from syncer.definitions.rules import (
     RelatedCondition,
 )
 from syncer.errors import AudienceError, ConfigError
+from syncer.guard import GuardOverrides
 from syncer.models import KEY_LENGTH
 from syncer.settings import (
     DEFAULT_SOURCE,

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 
 from syncer import audiences, preview, privacy
-from syncer.audiences import GuardOverrides
 from syncer.errors import AudienceError, SourceError
+from syncer.guard import GuardOverrides
 from syncer.preview import Preview
 from tests.e2e.conftest import dump_database
 from tests.integration.conftest import World

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from syncer.audiences import GuardOverrides, Schedule
+from syncer.audiences import Schedule
 from syncer.definitions import files
 from syncer.definitions.files import (
     AudiencesFileError,
@@ -25,6 +25,7 @@ from syncer.definitions.files import (
 )
 from syncer.definitions.rules import AttributeCondition, Group, RelatedCondition
 from syncer.errors import AudienceError
+from syncer.guard import GuardOverrides
 from tests.helpers import REPO_ROOT
 
 # DESIGN.md's example ("Audiences as code, and rules instead of SQL"), as written there.
