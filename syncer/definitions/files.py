@@ -202,7 +202,8 @@ class AudienceEntry(BaseModel):
         default=None, description="Run every this long: 90s, 15m, 3h, 1d, 1h30m (or cron)."
     )
     cron: str | None = Field(
-        default=None, description='Run on a 5-field cron line, UTC: "0 */3 * * *" (or every).'
+        default=None,
+        description='Run on a 5-field cron line, in [schedule] timezone: "0 */3 * * *" (or every).',
     )
     paused: StrictBool = Field(default=False, description="Declared, but not run.")
     guard: GuardSpec | None = Field(
