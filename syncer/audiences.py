@@ -248,9 +248,10 @@ def update_definition(
     *,
     sql: str | None = None,
     schedule: Schedule | None = None,
-    guard: GuardOverrides | None = None,
+    guard: Mapping[str, int | None] | None = None,
 ) -> AudienceView:
-    """Change the SQL, the schedule and/or the guard's thresholds. The key never changes."""
+    """Change the SQL, the schedule and/or the guard's thresholds (``guard``: the thresholds
+    to set, by name; None sets one back to the [guard] setting). The key never changes."""
     current = get(state, key)
     if current.managed:
         raise AudienceError(
@@ -265,11 +266,8 @@ def update_definition(
     if schedule is not None:
         values["every_seconds"] = schedule.every_seconds
         values["cron"] = schedule.cron
-    if guard is not None:
-        if guard.max_removed_percent is not None:
-            values["guard_max_removed_percent"] = guard.max_removed_percent
-        if guard.min_removed is not None:
-            values["guard_min_removed"] = guard.min_removed
+    for name, value in (guard or {}).items():
+        values[f"guard_{name}"] = value
     if not values:
         raise AudienceError(
             "nothing to update; give --sql, --every, --cron, --max-removed-percent or --min-removed"
@@ -286,8 +284,22 @@ def approve(state: Engine, key: str) -> AudienceView:
     return get(state, key)
 
 
-def validate_guard(max_removed_percent: int | None, min_removed: int | None) -> GuardOverrides:
-    """An audience's guard overrides, checked as [guard] is."""
+GUARD_DEFAULT = "default"  # `audience update --min-removed default`: the [guard] setting again
+
+
+def validate_guard(
+    max_removed_percent: int | str | None, min_removed: int | str | None
+) -> dict[str, int | None]:
+    """The guard thresholds ``audience update`` sets, checked as [guard] is: a number, or
+    ``default`` for the [guard] setting (None: left as it is)."""
+    given: dict[str, int | None] = {}
+    for name, value in (("max_removed_percent", max_removed_percent), ("min_removed", min_removed)):
+        if value == GUARD_DEFAULT:
+            given[name] = None
+        elif isinstance(value, int):
+            given[name] = value
+    max_removed_percent = given.get("max_removed_percent")
+    min_removed = given.get("min_removed")
     if max_removed_percent is not None and not 0 <= max_removed_percent <= 100:
         raise AudienceError(
             f"the removal guard's max_removed_percent must be from 0 to 100, got "
@@ -298,7 +310,7 @@ def validate_guard(max_removed_percent: int | None, min_removed: int | None) -> 
             f"the removal guard's min_removed must be from 0 to {MAX_MIN_REMOVED}, got "
             f"{min_removed}"
         )
-    return GuardOverrides(max_removed_percent=max_removed_percent, min_removed=min_removed)
+    return given
 
 
 def set_status(state: Engine, key: str, status: str) -> AudienceView:

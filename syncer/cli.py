@@ -98,15 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     _schedule_args(upd)
     upd.add_argument(
         "--max-removed-percent",
-        type=_count(0, 100),
+        type=_count_or_default(0, 100),
         metavar="N",
-        help="hold a run that would remove more than N%% of the members (default: [guard])",
+        help="hold a run that would remove more than N%% of the members "
+        "('default': the [guard] setting)",
     )
     upd.add_argument(
         "--min-removed",
-        type=_count(0, MAX_MIN_REMOVED),
+        type=_count_or_default(0, MAX_MIN_REMOVED),
         metavar="N",
-        help="...and at least N members (default: [guard])",
+        help="...and at least N members ('default': the [guard] setting)",
     )
     aud_sub.add_parser(
         "approve", help="let the next run through the removal guard, once"
@@ -221,6 +222,16 @@ def _count(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return count
+
+
+def _count_or_default(low: int, high: int) -> Callable[[str], int | str]:
+    """An argparse type: a whole number from ``low`` to ``high``, or ``default``."""
+    count = _count(low, high)
+
+    def count_or_default(text: str) -> int | str:
+        return audiences.GUARD_DEFAULT if text == audiences.GUARD_DEFAULT else count(text)
+
+    return count_or_default
 
 
 def _shorten(text: str, limit: int = 40) -> str:

@@ -122,6 +122,14 @@ def test_per_audience_thresholds_and_the_settings_defaults(
     p.set_users([])  # 100 % of 60, but fewer than 1000
     assert "succeeded" in p.cli("sync").stdout
 
+    p.cli("audience", "update", KEY, "--max-removed-percent", "default", "--min-removed", "10")
+    shown = json.loads(p.cli("audience", "show", KEY, "--json").stdout)
+    assert shown["guard"] == {"max_removed_percent": None, "min_removed": 10}
+    p.set_users(USERS[:50])
+    p.cli("sync")
+    p.set_users([])  # all 50 of 50: over the [guard] default of 50 %, and at least 10
+    assert p.cli("sync", check=None).returncode == 1
+
     for args, named in (
         (("--max-removed-percent", "101"), "--max-removed-percent"),
         (("--min-removed", "-5"), "--min-removed"),
