@@ -29,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 import random
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -87,6 +89,81 @@ class PostOutcome:
     host: str
     accepted: bool
     error: str | None = None
+
+
+# -- posting in the background -----------------------------------------------------------------
+
+MAX_QUEUED = 1000  # alerts waiting to be posted; past it one is dropped (and logged)
+DRAIN_SECONDS = 60.0  # how long `syncer sync` waits at its end for alerts still being posted
+
+
+class _Poster:
+    """One thread that posts alerts one after another, so that a webhook that hangs costs the
+    alerts their time, never a run's: ``submit`` returns at once. Made when first needed."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(maxsize=MAX_QUEUED)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._work, name="syncer-alerts", daemon=True
+                )
+                self._thread.start()
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            logger.warning("alerts: %d alerts wait to be posted; dropping one", MAX_QUEUED)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                job()  # after_run and check_deliveries never raise
+            finally:
+                self._queue.task_done()
+
+    def drain(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the alerts submitted so far; True when all are done."""
+        deadline = time.monotonic() + seconds
+        while self._queue.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+
+_POSTER = _Poster()
+
+
+def submit_after_run(
+    state: Engine, settings: Settings, *, audience_id: int, audience_key: str, result: RunResult
+) -> None:
+    """``after_run`` in the background: the caller (a run) goes on at once."""
+    if settings.alerts.webhook_urls:
+        _POSTER.submit(
+            lambda: after_run(
+                state, settings, audience_id=audience_id, audience_key=audience_key, result=result
+            )
+        )
+
+
+def submit_check_deliveries(state: Engine, settings: Settings) -> None:
+    """``check_deliveries`` in the background."""
+    if settings.alerts.webhook_urls:
+        _POSTER.submit(lambda: check_deliveries(state, settings))
+
+
+def drain(seconds: float = DRAIN_SECONDS) -> None:
+    """Before a command exits: let the alerts it raised be posted, for ``seconds`` at most
+    (what is left is raised again by the next run or check: nothing was claimed for it)."""
+    if not _POSTER.drain(seconds):
+        logger.warning(
+            "alerts: still posting after %.0fs; leaving the rest to the next run", seconds
+        )
 
 
 # -- what the lead calls ----------------------------------------------------------------------

@@ -43,7 +43,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine, String, func, select, type_coerce
 
-from syncer import jobs, leases, logs, workers
+from syncer import alerts, jobs, leases, logs, workers
 from syncer.models import AUDIENCE_ACTIVE, AUDIENCES, SyncRun
 from syncer.settings import Settings
 
@@ -260,6 +260,8 @@ class Service:
         while time.monotonic() < deadline:
             with self._in_flight_lock:
                 if self._in_flight <= 0:
+                    # and the alerts of those runs, in what is left of the grace period
+                    alerts.drain(max(0.0, deadline - time.monotonic()))
                     return
             time.sleep(0.1)
         if self.stopping.is_set():

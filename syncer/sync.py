@@ -105,7 +105,8 @@ def sync_audiences(
                 run_id=None, audience_key=view.key, kind=None, status=RUN_FAILED, error=error
             )
         results.append(result)
-    alerts.check_deliveries(state, settings)  # URLs failing for good, deliveries owed too long
+    alerts.submit_check_deliveries(state, settings)  # URLs failing for good, owed too long
+    alerts.drain()  # the runs are done: their alerts get a bounded while to be posted
     return results
 
 
@@ -166,8 +167,8 @@ def run_audience(
             result.status,
             result.error,
         )
-    # After the run is finished and its lease released: a slow webhook delays no run.
-    alerts.after_run(
+    # Posted in the background, after the run is finished: a slow webhook delays no run.
+    alerts.submit_after_run(
         state, settings, audience_id=audience.id, audience_key=audience.key, result=result
     )
     return result

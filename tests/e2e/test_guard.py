@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import datetime
 
 from tests.e2e.conftest import SECRET, Project, assert_usage_error
 from tests.receiver import Receiver
@@ -159,3 +160,32 @@ def test_the_guard_settings_can_turn_it_off(
     p.write_settings(extra="[guard]\nmax_removed_percent = 150\n")
     assert_usage_error(p.cli("history", check=None), "[guard] max_removed_percent", "100")
     assert SECRET not in "".join(p.outputs)
+
+
+def test_a_webhook_that_hangs_holds_up_no_run(
+    project_factory: ProjectFactory, sqlite_url: str, secret_receiver: Receiver
+) -> None:
+    """Alerts are posted beside the runs: three held runs end together although each one's
+    alert waits on a webhook that never answers (3 tries of [alerts] timeout_seconds = 5)."""
+    rx = secret_receiver
+    with Receiver(fail_ratio=1.0, fault_modes=["slow"], slow_seconds=60) as hook:
+        p = project_factory(
+            sqlite_url,
+            USERS,
+            workflow_urls=[rx.url("w1")],
+            shared_secret="${TRAY_SHARED_SECRET}",
+            extra=f'[alerts]\nwebhook_urls = ["{hook.url("hang/t0ken")}"]\ntimeout_seconds = 5\n',
+        )
+        p.cli("db", "upgrade")
+        keys = [f"everyone_{n}" for n in range(3)]
+        for key in keys:
+            p.cli("audience", "create", key, "--sql", SQL)
+        p.cli("sync")
+        p.set_users([])
+        held = p.cli("sync", check=None, timeout=300)
+        assert held.returncode == 1 and held.stdout.count(") held:") == 3
+        runs = [r for r in json.loads(p.cli("history", "--json").stdout) if r["status"] == "held"]
+        finished = sorted(datetime.fromisoformat(str(r["finished_at"])) for r in runs)
+        assert (finished[-1] - finished[0]).total_seconds() < 10, finished  # not 3 x 15 s
+        assert len(hook.requests()) >= 1  # the alerts were still posted, while the runs went on
+        assert "t0ken" not in held.stdout + held.stderr
