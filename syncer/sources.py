@@ -45,6 +45,7 @@ from sqlalchemy import (
     Integer,
     Subquery,
     Text,
+    TextClause,
     and_,
     cast,
     column,
@@ -638,9 +639,7 @@ def _pick_id_column(names: list[str]) -> str:
 def _portable_id_column(conn: Connection, sql: str, params: Params = None) -> str:
     """``id_column`` for any dialect: SQLAlchemy writes the LIMIT as the dialect wants it
     (``TOP``, ``FETCH FIRST`` …); nothing is fetched."""
-    rows = text(f"({sql}\n) AS audience_query")
-    if params:
-        rows = rows.bindparams(**params)
+    rows = _embedded(f"({_text(sql, params)}\n) AS audience_query", params)
     query: Select[Any] = select(literal_column("*")).select_from(rows).limit(0)
     result = conn.execute(query)
     names = list(result.keys())
@@ -656,7 +655,7 @@ def id_column(conn: Connection, sql: str, params: Params = None) -> str:
     several statements (``…) x; COMMIT; DELETE …``); with a parameter, it refuses them.
     """
     result = conn.execute(
-        text(f"SELECT * FROM ({sql}\n) AS audience_query LIMIT :none"),
+        text(f"SELECT * FROM ({_text(sql, params)}\n) AS audience_query LIMIT :none"),
         {**(params or {}), "none": 0},
     )
     names = list(result.keys())
@@ -684,10 +683,30 @@ def member_query(sql: str, id_name: str, params: Params = None) -> MemberQuery:
     streamed through Python). The SQL ends on a line of its own, so a trailing comment the
     database reads differently cannot reach the SQL around it.
     """
-    rows = text(f"{sql}\n")
-    if params:  # the values of SQL compiled from rules, bound
-        rows = rows.bindparams(**params)
+    rows = _embedded(f"{_text(sql, params)}\n", params)
     return _member_query(rows.columns(column(id_name)), id_name)
+
+
+# SQLAlchemy's text() reads ``:name`` as a parameter and ``\:name`` as the text ``:name``
+# (its own patterns: sqlalchemy.sql.elements.TextClause, sqlalchemy.sql.compiler).
+_BIND = re.compile(r"(?<![:\w\x5c]):(\w+)(?![:\w])", re.UNICODE)
+_ESCAPED_BIND = re.compile(r"\x5c(:\w*)(?![:\w])", re.UNICODE)
+
+
+def _text(sql: str, params: Params) -> str:
+    """Audience SQL as text() must be given it. Hand-written SQL has no parameters: what
+    text() would take for one (``WHERE t = ':x'``, ``'a\\:b'``) is escaped so that the database
+    gets the SQL exactly as written. SQL compiled from rules keeps its ``:name`` placeholders,
+    whose values are ``params``."""
+    if params:
+        return sql
+    sql = _ESCAPED_BIND.sub(lambda found: "\\" + found.group(0), sql)
+    return _BIND.sub(lambda found: "\\" + found.group(0), sql)
+
+
+def _embedded(sql_text: str, params: Params) -> TextClause:
+    rows = text(sql_text)
+    return rows.bindparams(**params) if params else rows
 
 
 def _member_query(rows_text: Any, id_name: str) -> MemberQuery:

@@ -289,3 +289,20 @@ def test_a_read_only_state_role_may_preview(project_factory: ProjectFactory, pg_
         assert dry.returncode == 0, dry.stderr
         assert_usage_error(paused, "[database] url")
         assert p.dump() == before
+
+
+def test_colons_in_hand_written_sql_reach_the_database_as_written(
+    project_factory: Callable[..., Project], sqlite_url: str
+) -> None:
+    """``':x'`` and ``'\\:x'`` in a string literal are text, not parameters (SQLAlchemy's text()
+    would read the first as one)."""
+    p = project_factory(sqlite_url, ["u1", "u2", "u3"], workflow_urls=["http://127.0.0.1:9/x"])
+    p.cli("db", "upgrade")
+    sql = (
+        "SELECT user_id FROM users WHERE user_id || ':x' = 'u1:x' "
+        "OR user_id || '\\:y' = 'u2\\:y' OR CAST(1 AS TEXT) = ':z::w'"
+    )
+    found = json.loads(p.cli("audience", "preview", "--sql", sql, "--json").stdout)
+    assert (found["members"], found["sample"]) == (2, ["u1", "u2"])
+    key = p.cli("audience", "create", "Colons", "--sql", sql).stdout.strip()
+    assert json.loads(p.cli("audience", "preview", key, "--json").stdout)["members"] == 2
