@@ -101,6 +101,7 @@ from syncer.sources import (
 MAX_DEPTH = 20  # conditions nested in groups (and related ``where``s)
 MAX_CONDITIONS = 500  # conditions in one rule, counting groups
 MAX_VALUES = 1000  # values in one ``in`` / ``not_in`` list
+MAX_INTEGER = 2**63 - 1  # a whole number every database binds (a 64-bit integer)
 
 SCALAR_OPERATORS = ("eq", "ne", "lt", "le", "gt", "ge")
 LIST_OPERATORS = ("in", "not_in")
@@ -143,6 +144,12 @@ def _scalar(value: Any) -> Any:
         raise PydanticCustomError(
             "value", "a value is text, a number or true/false (quote dates: '2024-01-31')"
         )
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INTEGER:
+        raise PydanticCustomError(
+            "value", "a whole number here is at most 9223372036854775807 (64 bits) either way"
+        )
+    if isinstance(value, str) and "\x00" in value:
+        raise PydanticCustomError("value", "a value may not hold a NUL character (\\0)")
     return value
 
 
@@ -156,7 +163,7 @@ Scalar = Annotated[StrictStr | StrictInt | StrictFloat | StrictBool, BeforeValid
 # ``in`` / ``not_in``: a bounded list of values.
 Values = Annotated[list[Scalar], Field(min_length=1, max_length=MAX_VALUES)]
 # ``at_least`` / ``at_most`` / ``exactly``: a number of rows.
-Count = Annotated[StrictInt, Field(ge=0)]
+Count = Annotated[StrictInt, Field(ge=0, le=MAX_INTEGER)]
 
 
 class ModelSpec(BaseModel):
@@ -216,7 +223,7 @@ class AttributeCondition(BaseModel):
     ge: Scalar | None = None
     in_: Values | None = Field(default=None, alias="in")
     not_in: Values | None = None
-    contains: StrictStr | None = None
+    contains: Annotated[StrictStr, BeforeValidator(_scalar)] | None = None
     is_null: Literal[True] | None = None
     is_not_null: Literal[True] | None = None
 

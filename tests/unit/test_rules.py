@@ -175,6 +175,11 @@ def test_values_keep_their_types() -> None:
         ({"attribute": "plan", "eq": float("nan")}, ("eq",), "a value is text"),
         ({"attribute": "plan", "is_null": False}, ("is_null",), "Input should be True"),
         ({"attribute": "plan", "contains": 5}, ("contains",), "valid string"),
+        ({"attribute": "plan", "contains": "a\x00b"}, ("contains",), "NUL character"),
+        ({"attribute": "plan", "eq": "a\x00b"}, ("eq",), "NUL character"),
+        ({"attribute": "ltv", "gt": 2**63}, ("gt",), "at most 9223372036854775807"),
+        ({"attribute": "ltv", "in": [1, -(2**64)]}, ("in", 1), "at most 9223372036854775807"),
+        ({"related": "orders", "at_least": 2**70}, ("at_least",), "less than or equal to"),
         ({"attribute": "", "eq": 1}, ("attribute",), "at least 1 character"),
         (
             {"any": [{"related": "orders", "at_least": 1, "within": "30 days"}]},
@@ -279,6 +284,7 @@ def test_json_schemas_come_out_clean() -> None:
     assert related["oneOf"] == [{"required": [key]} for key in ("at_least", "at_most", "exactly")]
     assert related["properties"]["at_least"] == {
         "minimum": 0,
+        "maximum": 2**63 - 1,
         "title": "At Least",
         "type": "integer",
     }
