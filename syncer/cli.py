@@ -173,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         as_code.add_argument(
             "--prune", action="store_true", help="also delete audiences the file does not name"
         )
+        as_code.add_argument(
+            "--adopt",
+            action="store_true",
+            help="let the file take over audiences of its keys that were made by hand",
+        )
         as_code.add_argument("--json", action="store_true")
         if name == "plan":
             as_code.add_argument(
@@ -782,10 +787,15 @@ def _plan(args: argparse.Namespace, state: Engine, settings: Settings) -> int:
     from syncer.definitions import plan as plans
 
     if args.command == "apply":
-        done = plans.apply(state, settings, args.file, prune=args.prune)
+        done = plans.apply(state, settings, args.file, prune=args.prune, adopt=args.adopt)
     else:
         done = plans.make_plan(
-            state, settings, args.file, prune=args.prune, with_preview=not args.no_preview
+            state,
+            settings,
+            args.file,
+            prune=args.prune,
+            adopt=args.adopt,
+            with_preview=not args.no_preview,
         )
     if args.json:
         _print_json(done.as_json())

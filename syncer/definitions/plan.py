@@ -155,11 +155,22 @@ def make_plan(
     path: str,
     *,
     prune: bool = False,
+    adopt: bool = False,
     with_preview: bool = True,
 ) -> Plan:
     """What ``apply`` would do. Reads the file, the sources and the state database; writes
-    nothing. Raises AudienceError (``file:line: where: what``) for a mistake in the file."""
+    nothing. Raises AudienceError (``file:line: where: what``) for a mistake in the file.
+
+    ``adopt``: an entry whose key an audience made by hand (``audience create``) has takes it
+    over; without it that is refused. ``prune`` with a file that declares no audiences is
+    refused: an empty or truncated file would retire every audience, for ever."""
     loaded = files.load_file(path)
+    if prune and not loaded.spec.audiences:
+        raise loaded.error(
+            (),
+            "the file declares no audiences, and --prune would delete every audience there "
+            "is; delete audiences one by one with syncer audience delete",
+        )
     with ExitStack() as stack:
         sources = _Sources(settings=settings, stack=stack)
         infos = _describe_models(loaded, settings, sources)
@@ -169,7 +180,8 @@ def make_plan(
         ]
     stored = {view.key: view for view in audiences.list_all(state, include_deleted=True)}
     changes = [
-        _compare(loaded, index, want, stored.get(want.key)) for index, want in enumerate(desired)
+        _compare(loaded, index, want, stored.get(want.key), adopt=adopt)
+        for index, want in enumerate(desired)
     ]
     named = {want.key for want in desired}
     for key, view in sorted(stored.items()):
@@ -196,9 +208,11 @@ def make_plan(
     )
 
 
-def apply(state: Engine, settings: Settings, path: str, *, prune: bool = False) -> Plan:
+def apply(
+    state: Engine, settings: Settings, path: str, *, prune: bool = False, adopt: bool = False
+) -> Plan:
     """Make the plan and carry it out in one transaction; returns the plan carried out."""
-    plan = make_plan(state, settings, path, prune=prune, with_preview=False)
+    plan = make_plan(state, settings, path, prune=prune, adopt=adopt, with_preview=False)
     now = datetime.now(UTC)
     try:
         with write_transaction(state) as conn:
@@ -351,7 +365,12 @@ def _compile_entry(
 
 
 def _compare(
-    loaded: files.LoadedFile, index: int, want: Desired, have: AudienceView | None
+    loaded: files.LoadedFile,
+    index: int,
+    want: Desired,
+    have: AudienceView | None,
+    *,
+    adopt: bool,
 ) -> AudienceChange:
     if have is None:
         return AudienceChange(action=CREATE, key=want.key, name=want.name, desired=want)
@@ -359,7 +378,7 @@ def _compare(
         raise loaded.error(
             ("audiences", index, "name"),
             f"the key {want.key!r} belonged to a deleted audience and is never reused; "
-            "choose another name or pin another key:",
+            "choose another name, or pin another key with key:",
         )
     changes: list[str] = []
     if have.name != want.name:
@@ -381,6 +400,14 @@ def _compare(
     ):
         changes.append("guard")
     if not have.managed:
+        if not adopt:
+            entry = loaded.spec.audiences[index]
+            raise loaded.error(
+                ("audiences", index, "key" if entry.key is not None else "name"),
+                f"audience {want.key!r} exists and was made by hand, not by a file; "
+                "--adopt lets this file take it over (its definition and schedule become "
+                "the file's), or give the entry another name or key",
+            )
         changes.append("managed by this file from now on")
     status_change = None
     if want.paused and have.status == AUDIENCE_ACTIVE:

@@ -224,6 +224,22 @@ def test_keys_names_pausing_and_pruning(
     assert listed["free_plan_users"]["status"] == "paused"
     assert listed["hand_made"]["managed"] is False and listed["free_users"]["status"] == "active"
 
+    # an entry of a hand-made audience's key takes it over only with --adopt
+    adopting = yml.read_text() + "  - name: Hand Made\n    sql: SELECT user_id FROM users\n"
+    _write(p, adopting)
+    before = p.dump()
+    refused = assert_usage_error(p.cli("apply", str(yml), check=None), "--adopt")
+    assert "audiences.yml:8: audiences[2].name: audience 'hand_made' exists" in refused
+    assert p.dump() == before
+    assert "managed by this file from now on" in p.cli("plan", str(yml), "--adopt").stdout
+    _write(p, adopting.replace("  - name: Hand Made\n    sql: SELECT user_id FROM users\n", ""))
+
+    # --prune with a file that declares nothing (an empty or cut-off file) deletes nothing
+    empty = p.root / "empty.yml"
+    empty.write_text("", encoding="utf-8")
+    assert_usage_error(p.cli("apply", str(empty), "--prune", check=None), "no audiences")
+    assert p.dump() == before
+
     pruned = p.cli("apply", str(yml), "--prune").stdout
     assert "- free_users: delete" in pruned and "- hand_made: delete" in pruned
     keys = {a["key"] for a in json.loads(p.cli("audience", "list", "--json").stdout)}
