@@ -24,13 +24,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from syncer import audiences
 from syncer.audiences import AudienceView
 from syncer.db import write_transaction
 from syncer.definitions import files, rules
-from syncer.errors import AudienceError
+from syncer.errors import AudienceError, SourceError
 from syncer.models import (
     AUDIENCE_ACTIVE,
     AUDIENCE_DELETED,
@@ -42,7 +42,7 @@ from syncer.models import (
     Audience,
 )
 from syncer.settings import Settings, format_duration
-from syncer.sources import Source, check_definition, fenced, open_source
+from syncer.sources import Source, check_definition, describe_db_error, fenced, open_source
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +295,10 @@ def _describe_models(
             raise loaded.error((*where, *exc.path), exc.message) from None
         except AudienceError as exc:  # the source may not run audience SQL at all
             raise loaded.error((*where, "source"), str(exc)) from None
+        except SQLAlchemyError as exc:  # down, or refusing this login: not the file's mistake
+            raise SourceError(
+                f"source {spec.source!r} (model {name}) could not be read: {describe_db_error(exc)}"
+            ) from None
     return infos
 
 

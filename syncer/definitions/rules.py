@@ -865,6 +865,12 @@ def _check_value(value: Any, kind: str | None, name: str, path: tuple[str | int,
     """The value fits the column (a mistake here is a run failing on the source later, or on
     some databases a comparison that is silently never true)."""
     shown = repr(value) if isinstance(value, str) else json.dumps(value)
+    if kind == "text" and isinstance(value, bool):
+        raise RuleError(
+            path,
+            f"{name!r} is a text column, and YAML read this value as {shown} (it does so with "
+            "yes, no, on, off, true and false): write the word in quotes, like 'no'",
+        )
     if kind == "text" and not isinstance(value, str):
         raise RuleError(path, f"{name!r} is a text column: write the value in quotes ('{shown}')")
     if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):

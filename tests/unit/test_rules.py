@@ -343,6 +343,11 @@ def test_json_schemas_come_out_clean() -> None:
             "'plan' is a text column",
         ),
         (
+            {"attribute": "plan", "ne": False},  # `ne: no` in YAML
+            ("rules", "ne"),
+            "'plan' is a text column, and YAML read this value as false (it does so with yes",
+        ),
+        (
             {"attribute": "ltv", "gt": "100"},
             ("rules", "gt"),
             "'ltv' is a number column: write a number, not '100'",
