@@ -695,3 +695,50 @@ def test_serve_refuses_bad_input(make_site: SiteFactory, tmp_path: Path) -> None
         workflow_urls=["http://127.0.0.1:9/never-called"],
     )
     _assert_one_line_usage_error(no_schema.cli("serve", check=False), "db upgrade")
+
+
+# -- the removal guard and alerts under serve -----------------------------------------------------
+
+
+def test_serve_holds_a_broken_source_alerts_once_and_unholds_when_it_recovers(
+    make_site: SiteFactory, sqlite_url: str, receiver: Receiver
+) -> None:
+    """On schedule, every 2 s: a source returning nobody is held run after run (each recorded),
+    nothing is sent, one alert is posted (not one per run: repeat_after), and the audience
+    goes on by itself once the source is back."""
+    rx = receiver
+    users = [f"u{i:03d}" for i in range(150)]
+    with Receiver() as hook:
+        site = make_site(
+            sqlite_url,
+            users,
+            workflow_urls=[rx.url("w1")],
+            extra=f'[alerts]\nwebhook_urls = ["{hook.url("hook/t0ken")}"]\n',
+        )
+        site.create(NAME_A, SQL, "2s")
+        with site.serve() as serve:
+            wait_until(lambda: len(traits_of(rx, KEY_A)) == 150, "the initial sync", 20, serve)
+            sent = len(rx.accepted("w1"))
+            site.set_users([])
+            wait_until(
+                lambda: len([r for r in site.runs(KEY_A) if r.status == "held"]) >= 3,
+                "three held runs",
+                30,
+                serve,
+            )
+            assert len(rx.accepted("w1")) == sent
+            held_alerts = [r.json for r in hook.requests() if r.json["event"] == "run_held"]
+            assert len(held_alerts) == 1 and held_alerts[0]["audience_key"] == KEY_A
+
+            site.set_users(users[:140])  # back, with ten real exits
+            wait_until(
+                lambda: traits_of(rx, KEY_A).get("u145") is False, "the exits sent", 20, serve
+            )
+            assert site.runs(KEY_A)[-1].status in ("succeeded", "running")
+            wait_until(
+                lambda: any(r.json["event"] == "resolved" for r in hook.requests()),
+                "the resolved alert",
+                20,
+                serve,
+            )
+        assert "t0ken" not in serve.read_stdout() + serve.read_stderr()
