@@ -473,15 +473,22 @@ def _audience(args: argparse.Namespace, state: Engine, settings: Settings) -> in
         return EXIT_OK
     if command == "list":
         views = audiences.list_all(state, include_deleted=args.all)
+        last = history.last_runs(state, [v.id for v in views])
         if args.json:
-            last = history.last_runs(state, [v.id for v in views])
             _print_json([_audience_json(v, default_every, last.get(v.id)) for v in views])
         else:
             print(
                 history.format_table(
-                    ["KEY", "NAME", "STATUS", "SOURCE", "SCHEDULE"],
+                    ["KEY", "NAME", "STATUS", "SOURCE", "SCHEDULE", "LAST RUN"],
                     [
-                        [v.key, v.name, v.status, v.source, v.schedule.describe(default_every)]
+                        [
+                            v.key,
+                            v.name,
+                            v.status,
+                            v.source,
+                            v.schedule.describe(default_every),
+                            _last_run_cell(last.get(v.id)),
+                        ]
                         for v in views
                     ],
                 )
@@ -556,6 +563,11 @@ def _audience_json(
         "updated_at": view.updated_at.isoformat(),
         "last_run": None if last_run is None else last_run.as_json(),
     }
+
+
+def _last_run_cell(run: history.LastRun | None) -> str:
+    """``held (run 12)``: what a listing shows of an audience's newest run."""
+    return "-" if run is None else f"{run.status} (run {run.run_id})"
 
 
 def _describe_last_run(run: history.LastRun) -> str:

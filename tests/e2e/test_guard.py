@@ -51,6 +51,8 @@ def test_a_source_returning_nobody_is_held_until_it_recovers(
         assert len([r for r in _runs(p) if r["status"] == "held"]) == attempt
     [listed] = json.loads(p.cli("audience", "list", "--json").stdout)
     assert listed["last_run"]["status"] == "held"
+    [row] = p.cli("audience", "list").stdout.splitlines()[1:]
+    assert row.split()[0] == KEY and row.endswith(f"held (run {listed['last_run']['run_id']})")
 
     p.set_users(USERS[:290])  # it recovers, with a few real exits: let through by itself
     recovered = p.cli("sync")
