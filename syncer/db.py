@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import sqlite3
 import stat
 import threading
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Engine, column, create_engine, event, inspect, table, update
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from syncer.errors import ConfigError
@@ -312,6 +314,38 @@ def write_transaction(engine: Engine, held: Connection | None = None) -> Iterato
         conn.execution_options(sqlite_begin="IMMEDIATE")
         with conn.begin():
             yield conn
+
+
+T = TypeVar("T")
+DEADLOCK_ATTEMPTS = 5
+_DEADLOCK_STATES = frozenset({"40P01", "40001"})  # PostgreSQL: deadlock, serialization failure
+_DEADLOCK_CODES = frozenset({1213, 1205})  # MySQL/MariaDB: deadlock, lock wait timeout
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """Whether the database gave up on a transaction to break a deadlock (or a lock wait):
+    the transaction was rolled back, and running it again is the remedy."""
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) in _DEADLOCK_STATES:
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and args[0] in _DEADLOCK_CODES
+
+
+def retry_deadlocks(work: Callable[[], T], *, what: str) -> T:
+    """Run ``work`` (one whole transaction, safe to run again) and run it again, a few times
+    and after a short random pause, when the database broke a deadlock by rolling it back.
+    InnoDB does so between two transactions that update overlapping rows in different orders
+    (a delivery pass recording outcomes while postponing a failing URL's rows)."""
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            return work()
+        except DBAPIError as exc:
+            if attempt == DEADLOCK_ATTEMPTS or not is_deadlock(exc):
+                raise
+            logger.info("%s: %s; running it again", what, first_line(exc))
+            time.sleep(random.uniform(0.01, 0.05) * attempt)
+    raise AssertionError("unreachable")
 
 
 def first_line(exc: BaseException) -> str:

@@ -45,7 +45,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 
 from syncer import workers
-from syncer.db import write_transaction
+from syncer.db import retry_deadlocks, write_transaction
 from syncer.errors import DeliveryError, PermanentDeliveryError
 from syncer.leases import HOST
 from syncer.models import (
@@ -290,13 +290,16 @@ class _Recorder:
         delay that grows with it (see ``pass_delay``)."""
         if not outcomes:
             return
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        retry_deadlocks(lambda: self._write(outcomes), what="recording delivery outcomes")
 
+    def _write(self, outcomes: list[Outcome]) -> None:
         def key(o: Outcome) -> tuple[str, int, int, str]:
             return (o.status, o.attempts, o.status_code or 0, o.error or "")
 
         now = datetime.now(UTC)
-        if self._conn is None:
-            self._conn = self.engine.connect()
+        assert self._conn is not None
         with write_transaction(self.engine, self._conn) as conn:
             for (status, attempts, _code, _error), group in groupby(
                 sorted(outcomes, key=key), key=key
@@ -362,12 +365,16 @@ def expire_overdue(
 
 def postpone(engine: Engine, audience_id: int | None, destination_id: int, until: datetime) -> None:
     """A URL that keeps failing: everything owed to it waits for the next pass together."""
-    with write_transaction(engine) as conn:
-        conn.execute(
-            update(D)
-            .where(owed(audience_id, [destination_id]), D.c.next_attempt_at < until)
-            .values(next_attempt_at=until)
-        )
+
+    def postpone_owed() -> None:
+        with write_transaction(engine) as conn:
+            conn.execute(
+                update(D)
+                .where(owed(audience_id, [destination_id]), D.c.next_attempt_at < until)
+                .values(next_attempt_at=until)
+            )
+
+    retry_deadlocks(postpone_owed, what="postponing a failing URL's deliveries")
 
 
 def count_pending(
