@@ -729,17 +729,7 @@ def _webhook_urls(value: Any) -> tuple[str, ...]:
         raise ConfigError(
             f"[alerts] webhook_urls has {len(value)} URLs; give at most {MAX_WEBHOOK_URLS}"
         )
-    urls: list[str] = []
-    for i, url in enumerate(value):
-        normal = normalize_workflow_url(url, what=f"[alerts] webhook_urls[{i}]")
-        if normal in urls:
-            raise ConfigError(
-                f"[alerts] webhook_urls[{i}] is the same URL as webhook_urls[{urls.index(normal)}] "
-                f"(host {url_host(normal)}) once normalised, so every alert would be posted "
-                "twice; list each URL once"
-            )
-        urls.append(normal)
-    return tuple(urls)
+    return _distinct_urls(value, "alerts", "webhook_urls", "every alert would be posted twice")
 
 
 def _expand(value: Any, *, where: str) -> Any:
@@ -940,14 +930,21 @@ def _workflow_urls(value: Any) -> tuple[str, ...]:
         raise ConfigError(
             f"[tray] workflow_urls has {len(value)} URLs; give 1 to {MAX_WORKFLOW_URLS}"
         )
+    return _distinct_urls(
+        value, "tray", "workflow_urls", "the workflow would get every message twice"
+    )
+
+
+def _distinct_urls(values: list[str], section: str, key: str, twice: str) -> tuple[str, ...]:
+    """``[section] key``'s URLs, each normalised (``normalize_workflow_url``) and given once:
+    a URL listed twice, however spelled, is refused, saying ``twice`` (what would happen)."""
     urls: list[str] = []
-    for i, url in enumerate(value):
-        normal = normalize_workflow_url(url, what=f"[tray] workflow_urls[{i}]")
+    for i, url in enumerate(values):
+        normal = normalize_workflow_url(url, what=f"[{section}] {key}[{i}]")
         if normal in urls:
             raise ConfigError(
-                f"[tray] workflow_urls[{i}] is the same URL as workflow_urls[{urls.index(normal)}] "
-                f"(host {url_host(normal)}) once normalised, so the workflow would get every "
-                "message twice; list each URL once"
+                f"[{section}] {key}[{i}] is the same URL as {key}[{urls.index(normal)}] "
+                f"(host {url_host(normal)}) once normalised, so {twice}; list each URL once"
             )
         urls.append(normal)
     return tuple(urls)
